@@ -1,0 +1,118 @@
+"""The Gated DeltaNet token mixer that replaces softmax attention in linear layers.
+
+Same function as vLLM's Qwen3-Next GDN layer (so serving reuses it), with the teacher's projections:
+
+    x [B, T, hidden]
+      q|k|v = q_proj(x) | k_proj(x) | v_proj(x)           (teacher's W_q, head-wise expanded W_k, W_v)
+      q|k|v = SiLU(causal_conv1d(q|k|v))                   (kernel 4, identity at init)
+      q, k  = l2norm(q), l2norm(k) per head
+      beta  = sigmoid(b_proj(x));  g = -exp(A_log) * softplus(a_proj(x) + dt_bias)
+      o     = gated delta rule(q * Dk^-0.5, k, v, g, beta)
+      y     = o_proj(RMSNorm(o) * SiLU(z_proj(x)))          (teacher's W_o)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.config import HybridConfig
+from kernels.conv import causal_conv1d
+from kernels.gdn import chunk_gated_delta_rule, l2norm, recurrent_gated_delta_rule
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over each head's output, times SiLU(gate)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x.to(dtype)) * F.silu(gate.float()).to(dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.linear_num_value_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = self.num_heads * self.head_k_dim
+        self.value_dim = self.num_heads * self.head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.conv_width = config.linear_conv_kernel_dim
+        hidden, bias = config.hidden_size, config.attention_bias or config.teacher_model_type == "qwen2"
+
+        self.q_proj = nn.Linear(hidden, self.key_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.key_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.value_dim, bias=bias)
+        self.z_proj = nn.Linear(hidden, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        self.b_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_width, groups=self.conv_dim, bias=False)
+        self.conv1d.weight.requires_grad_(config.linear_conv_trainable)
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
+        self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, hidden, bias=config.attention_bias and config.teacher_model_type != "qwen2")
+        self.reset_gdn_parameters()
+
+    @torch.no_grad()
+    def reset_gdn_parameters(self) -> None:
+        """Identity conv; Mamba-2 decay init: A ~ U(0, 16), dt log-uniform in [1e-3, 1e-1]."""
+        self.conv1d.weight.zero_()
+        self.conv1d.weight[:, 0, -1] = 1.0
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0.01, 16).log())
+        dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.norm.weight.fill_(1.0)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """hidden_states [B, T, hidden]; attention_mask: 2-D padding mask [B, T] (1 = token) or None."""
+        batch, seq_len, _ = hidden_states.shape
+        qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # padded positions contribute k = v = 0: they leave the recurrent state untouched
+            qkv = qkv * attention_mask[:, -seq_len:, None].to(qkv.dtype)
+
+        cache = past_key_values
+        has_state = cache is not None and cache.has_previous_state(self.layer_idx)
+        qkv = qkv.transpose(1, 2)  # [B, conv_dim, T]
+        if cache is not None:
+            # returns the cached last inputs followed by the new ones; keeps the last `conv_width`
+            qkv = cache.update_conv_state(qkv, self.layer_idx, conv_kernel_size=self.conv_width)
+        qkv = F.silu(causal_conv1d(qkv, self.conv1d.weight)[..., -seq_len:]).transpose(1, 2)
+
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2norm(q.reshape(batch, seq_len, self.num_heads, self.head_k_dim))
+        k = l2norm(k.reshape(batch, seq_len, self.num_heads, self.head_k_dim))
+        v = v.reshape(batch, seq_len, self.num_heads, self.head_v_dim)
+        beta = self.b_proj(hidden_states).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+
+        state = cache.layers[self.layer_idx].recurrent_states[0] if has_state else None
+        if state is not None and seq_len == 1:
+            o, state = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+        else:
+            o, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+        if cache is not None:
+            cache.update_recurrent_state(state, self.layer_idx)
+
+        z = self.z_proj(hidden_states).reshape(batch, seq_len, self.num_heads, self.head_v_dim)
+        o = self.norm(o.to(z.dtype), z).reshape(batch, seq_len, self.value_dim)
+        return self.o_proj(o), None

@@ -1,0 +1,15 @@
+"""Depthwise causal 1-D convolution (the short conv in front of a GDN mixer)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [B, C, T], weight [C, 1, W] -> y [B, C, T] with y_t = sum_j weight[:, 0, j] * x_{t - (W-1) + j}.
+
+    Positions before the start read zeros, so weight[..., -1] is the tap on the current token.
+    """
+    width = weight.shape[-1]
+    return F.conv1d(F.pad(x, (width - 1, 0)), weight, groups=x.shape[1])
