@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from distill.errors import UserError
 
-class UnsupportedTeacherError(ValueError):
+
+class UnsupportedTeacherError(UserError):
     """The teacher's architecture is not one we know how to convert."""
 
 
