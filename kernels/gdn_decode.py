@@ -79,15 +79,13 @@ if triton is not None:
         mask_v = cols < V
         mask_k = rows < K
 
+        # A padded batch entry (slot < 0) reads nothing, writes no state and outputs 0.
         slot = tl.load(slot_ptr + bh // H).to(tl.int64)
-        if slot < 0:  # padded batch entry: output 0, cache untouched
-            tl.store(o_ptr + bh * V + cols, tl.zeros([BV], tl.float32).to(o_ptr.dtype.element_ty), mask=mask_v)
-            return
-
+        live = (cols * 0 + slot) >= 0  # [BV], all equal
         state_tile = (
-            state_ptr + slot * stride_slot + (bh % H) * (K * V) + rows[:, None] * V + cols[None, :]
+            state_ptr + tl.maximum(slot, 0) * stride_slot + (bh % H) * (K * V) + rows[:, None] * V + cols[None, :]
         )  # [BK, BV] pointers
-        mask_s = mask_k[:, None] & mask_v[None, :]
+        mask_s = mask_k[:, None] & (mask_v & live)[None, :]
         S = tl.load(state_tile, mask=mask_s, other=0.0, eviction_policy="evict_first").to(tl.float32)
 
         q = tl.load(q_ptr + bh * K + rows, mask=mask_k, other=0.0).to(tl.float32) * scale
@@ -102,6 +100,7 @@ if triton is not None:
         o = tl.sum(S * q[:, None], axis=0)  # [BV]
 
         tl.store(state_tile, S.to(state_ptr.dtype.element_ty), mask=mask_s)
+        o = tl.where(live, o, 0.0)
         tl.store(o_ptr + bh * V + cols, o.to(o_ptr.dtype.element_ty), mask=mask_v)
 
 
