@@ -138,7 +138,7 @@ def kl_impls() -> dict[str, Callable]:
         from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
 
         jsd = LigerFusedLinearJSD(jsd_beta=0.0)
-        impls["Liger FusedLinearJSD(beta=0)"] = lambda hs, ws, ht, wt: jsd(hs, ws, ht, wt)
+        impls["Liger FusedLinearJSD(beta=0)"] = lambda hs, ws, ht, wt: jsd(hs, ws, ht, wt, None)  # no shift_labels
     except Exception as e:  # noqa: BLE001
         print("Liger unavailable:", e)
     return impls
@@ -406,7 +406,7 @@ def decode_timing(ceilings) -> str:
             ours = time_ours(batch, state_dtype)
             copy = time_copy(batch, state_dtype)
             bv, nw = decode_launch_config(batch * HEADS, DV, elt)
-            row = [batch, f"{state_bytes / 1e6:.1f}", f"{ours:.2f}", f"{state_bytes / ours / 1e6:.0f}",
+            row = [batch, f"{state_bytes / 1e6:.1f}", f"{ours:.2f}", f"{state_bytes / ours / 1e3:.0f}",
                    f"{state_bytes / ours * 1e6 / copy_bw:.0%}", f"{copy:.2f}", f"BV={bv}, warps={nw}"]
             if state_dtype == torch.float32:
                 r = fla.get(batch)
@@ -441,7 +441,7 @@ def decode_sweep() -> str:
     rows = []
     for state_dtype in (torch.float32, torch.bfloat16):
         elt = torch.finfo(state_dtype).bits // 8
-        for batch in (1, 4, 16, 32, 128, 1024):
+        for batch in (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024):
             results = {}
             for block_v in (8, 16, 32, 64, 128):
                 for num_warps in (1, 2, 4, 8):

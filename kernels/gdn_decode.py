@@ -14,8 +14,8 @@ pad batches for CUDA graphs) leaves the cache alone and yields o = 0.
 Decode is bandwidth-bound: per (sequence, head) the K x V state is read and written once, while
 q, k, v and o are K + 2V numbers. The Triton kernel gives each program one (sequence, head, V-tile):
 it streams the [K, BV] state tile through registers once (read, update in fp32, write back) and
-keeps everything else in registers. Grid = (B * H, V / BV): the large axis is axis 0 (limit 2^31),
-and all pointer offsets are int64, so B is unbounded by the launch.
+keeps everything else in registers. The grid is 1-D, B * H * V / BV programs (axis 0 allows 2^31),
+and all pointer offsets are int64, so no batch size overflows the launch.
 """
 
 from __future__ import annotations
@@ -73,8 +73,11 @@ if triton is not None:
         BK: tl.constexpr,
         BV: tl.constexpr,
     ):
-        bh = tl.program_id(0).to(tl.int64)  # b * H + h
-        cols = tl.program_id(1) * BV + tl.arange(0, BV)  # value columns of this tile
+        # V tiles of one head are neighbours in launch order, so programs running together share
+        # the cache lines and DRAM pages of that head's state.
+        pid = tl.program_id(0).to(tl.int64)
+        bh = pid // tl.cdiv(V, BV)  # b * H + h
+        cols = (pid % tl.cdiv(V, BV)) * BV + tl.arange(0, BV)  # value columns of this tile
         rows = tl.arange(0, BK)
         mask_v = cols < V
         mask_k = rows < K
@@ -129,7 +132,7 @@ def _gdn_decode_step_triton(q, k, v, g, beta, state_cache, slot_idx, scale, bloc
     o = torch.empty_like(v)
     if block_v is None or num_warps is None:
         block_v, num_warps = decode_launch_config(B * H, V, state_cache.element_size())
-    grid = (B * H, triton.cdiv(V, block_v))
+    grid = (B * H * triton.cdiv(V, block_v),)
     _gdn_decode_kernel[grid](
         q, k, v, g, beta, state_cache, slot_idx, o, state_cache.stride(0), scale,
         H=H, K=K, V=V, BK=triton.next_power_of_2(K), BV=block_v, num_warps=num_warps,
