@@ -1,0 +1,106 @@
+"""Where the work runs: one process, or several under `torchrun` (one per GPU, or gloo on CPU).
+
+Training is data-parallel: every process holds the whole model, computes gradients on its own
+micro-batches, and `average_gradients` all-reduces them before the optimiser step, so all
+processes keep identical weights (what DistributedDataParallel does, without overlapping the
+all-reduce with backward). Selection spreads its candidate runs over the processes instead.
+
+    torchrun --nproc_per_node 8 -m distill.cli convert --teacher T --data D --ratio 0.25 --out OUT
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    amp_dtype: torch.dtype | None = None  # autocast dtype (bf16 on CUDA); None = full precision
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
+    def average_gradients(self, params: list[torch.nn.Parameter], bucket_bytes: int = 64 << 20) -> None:
+        """All-reduce and average .grad of `params` across processes, in flat buckets."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for g in grads + [None]:
+            if g is not None:
+                bucket.append(g)
+                size += g.numel() * g.element_size()
+            if bucket and (g is None or size >= bucket_bytes):
+                flat = _flatten_dense_tensors(bucket)
+                dist.all_reduce(flat)
+                flat.div_(self.world)
+                for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                    dst.copy_(src)
+                bucket, size = [], 0
+
+    def all_reduce_mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def broadcast_object(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_runtime(device: str | None = None) -> Runtime:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); start the process group if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=60))
+        if dev.type == "cpu":
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    return Runtime(rank=rank, world=world, local_rank=local_rank, device=dev, amp_dtype=amp)
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

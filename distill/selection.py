@@ -1,0 +1,337 @@
+"""Which layers keep softmax attention: one ranking of all layers, and its top K.
+
+Selectors (`hybrid score --selector ...`):
+    ga-s2     KL-guided (the paper's): for every layer l, a short Stage 2 from the Stage-1 weights with
+              only l restored to softmax; score = held-out KL to the teacher it reaches (lower = l matters
+              more). All candidates see the same batches in the same order.
+    ga-s1     the per-layer held-out Stage-1 alignment loss (higher = harder to linearise = matters more).
+    ablation  zero one teacher attention layer and measure the accuracy drop on synthetic associative
+              recall (bigger drop = matters more; ties broken by the drop in the answers' log-probability).
+    uniform   no ranking: K evenly spaced layers.
+
+GA-S2 costs L short Stage-2 runs. What is shared between candidates without changing any score:
+  * the training batches and the teacher's final hidden states for them, computed once;
+  * the held-out blocks with the teacher's hidden states, computed once;
+  * the first curve point (step 0): layers below l are the same all-linear Stage-1 layers in every
+    candidate, so their outputs on the held-out blocks are computed once and candidate l runs only
+    layers l..L-1;
+  * candidates are spread over all processes (`torchrun`), each a single-process run;
+  * each finished candidate is written to disk, so an interrupted selection skips them on rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from distill.data import BlockOrder, PackedData, batch_for_step
+from distill.distributed import Runtime
+from distill.errors import UserError
+from distill.modeling import HybridForCausalLM
+from distill.placement import uniform_softmax_layers
+from distill.stages import EvalSet, Stage2Config, heldout_alignment, kl_from_hidden, restore_softmax, run_stage2
+
+SELECTORS = ("ga-s2", "ga-s1", "ablation", "uniform")
+RANKING_FILE = "ranking.json"
+
+
+@dataclass
+class Ranking:
+    """Layers ordered from most to least important, with the evidence."""
+
+    selector: str
+    num_layers: int
+    order: list[int]  # most important first; empty for `uniform`
+    scores: dict[int, float] = field(default_factory=dict)
+    metric: str = ""
+    lower_is_more_important: bool = True
+    curves: dict[int, list[list[float]]] = field(default_factory=dict)  # layer -> [[step, value], ...]
+    details: dict = field(default_factory=dict)
+
+    def choose(self, k: int) -> list[int]:
+        """The K softmax layers: the top of the ranking (prefixes for every K), or uniform placement."""
+        if not 0 <= k <= self.num_layers:
+            raise UserError(f"k must be between 0 and {self.num_layers}, got {k}")
+        if self.selector == "uniform":
+            return uniform_softmax_layers(self.num_layers, k)
+        return sorted(self.order[:k])
+
+    def rank_of(self, layer: int) -> int | None:
+        return self.order.index(layer) + 1 if layer in self.order else None
+
+    def save(self, path: Path) -> None:
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Ranking:
+        path = Path(path)
+        if path.is_dir():
+            path = path / RANKING_FILE
+        if not path.is_file():
+            raise UserError(f"ranking file {path} not found (write one with `hybrid score`)")
+        raw = json.loads(path.read_text())
+        raw["scores"] = {int(k): v for k, v in raw["scores"].items()}
+        raw["curves"] = {int(k): v for k, v in raw["curves"].items()}
+        return cls(**raw)
+
+
+def ranking_from_scores(selector: str, scores: dict[int, float], lower_is_more_important: bool, metric: str,
+                        tiebreak: dict[int, float] | None = None, **kw) -> Ranking:
+    """Order by score (then tiebreak, same direction, then layer index) so equal scores rank stably."""
+    sign = 1 if lower_is_more_important else -1
+    tiebreak = tiebreak or {}
+    order = sorted(scores, key=lambda i: (sign * scores[i], sign * tiebreak.get(i, 0.0), i))
+    return Ranking(selector, len(scores), order, dict(sorted(scores.items())), metric, lower_is_more_important, **kw)
+
+
+def uniform_ranking(num_layers: int) -> Ranking:
+    return Ranking("uniform", num_layers, [], metric="uniform placement (no scores)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Spreading per-layer work over processes, one result file per layer (resumable)
+# ---------------------------------------------------------------------------------------------
+
+
+def spread_layers(layers: list[int], out_dir: Path, runtime: Runtime, work: Callable[[int], dict]) -> dict[int, dict]:
+    """Run work(layer) for the layers of this process (round-robin) that have no result file yet."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for layer in layers[runtime.rank :: runtime.world]:
+        path = out_dir / f"layer_{layer:03d}.json"
+        if path.is_file():
+            continue
+        result = work(layer)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, path)
+    runtime.barrier()
+    return {layer: json.loads((out_dir / f"layer_{layer:03d}.json").read_text()) for layer in layers}
+
+
+# ---------------------------------------------------------------------------------------------
+# GA-S2
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    candidate: Stage2Config  # the short Stage 2 each candidate runs (candidate.train.save_every is ignored)
+    eval_batch: int = 4  # held-out blocks per forward
+    recall_samples: int = 32  # ablation selector: synthetic recall prompts
+    recall_pairs: int = 16  # ... key/value pairs per prompt
+
+
+@torch.no_grad()
+def forward_from_layer(model: HybridForCausalLM, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    """The final (normed) hidden states of `model` given the input `hidden` [B, T, H] of layer `start`.
+
+    Mirrors HybridModel.forward for full blocks without padding or cache (a test checks they agree).
+    """
+    inner = model.model
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    mask = create_causal_mask(config=inner.config, inputs_embeds=hidden, attention_mask=None,
+                              past_key_values=None, position_ids=position_ids)
+    position_embeddings = inner.rotary_emb(hidden, position_ids)
+    for layer in inner.layers[start:]:
+        hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, padding_mask=None,
+                       past_key_values=None, position_ids=position_ids)
+    return inner.norm(hidden)
+
+
+@dataclass
+class SharedScoringInputs:
+    """Everything the GA-S2 candidates have in common, computed once."""
+
+    batches: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [step][micro] -> (ids, teacher hidden)
+    eval_set: EvalSet
+    prefix_hidden: list[list[torch.Tensor]]  # [eval batch][layer] -> input of that layer, all-linear model
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, teacher: nn.Module, stage1: HybridForCausalLM, data: PackedData, cfg: ScoreConfig,
+              runtime: Runtime) -> SharedScoringInputs:
+        tcfg = cfg.candidate.train
+        single = replace(runtime, rank=0, world=1)  # every candidate is a one-process run over all the data
+        accum = tcfg.grad_accum(1)
+        order = BlockOrder(len(data.train), tcfg.seed)
+        batches = []
+        for step in range(tcfg.steps):
+            micro_batches = []
+            for micro in range(accum):
+                ids = batch_for_step(data, order, step, micro, tcfg.micro_batch, accum).to(runtime.device)
+                with runtime.autocast():
+                    h_t = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+                micro_batches.append((ids, h_t))
+            batches.append(micro_batches)
+        eval_set = EvalSet.build(teacher, data, cfg.eval_batch, single)
+        prefix = []
+        for ids in eval_set.ids:
+            with runtime.autocast():
+                out = stage1.model(input_ids=ids, use_cache=False, output_hidden_states=True)
+            prefix.append(list(out.hidden_states[:-1]))  # hidden_states[l] is the input of layer l
+        return cls(batches, eval_set, prefix)
+
+
+def _kl_from_prefix(candidate: HybridForCausalLM, layer: int, shared: SharedScoringInputs, runtime: Runtime) -> float:
+    total, count = 0.0, 0
+    for ids, h_t, prefix in zip(shared.eval_set.ids, shared.eval_set.teacher_hidden, shared.prefix_hidden):
+        with runtime.autocast():
+            h_s = forward_from_layer(candidate, prefix[layer], layer)
+            kl = kl_from_hidden(h_s, candidate.lm_head.weight, h_t, shared.eval_set.teacher_weight, runtime.amp_dtype)
+        total += kl.item() * ids.numel()
+        count += ids.numel()
+    return total / count
+
+
+def score_ga_s2(teacher: nn.Module, stage1: HybridForCausalLM, data: PackedData, cfg: ScoreConfig,
+                work_dir: Path, runtime: Runtime, layers: list[int] | None = None) -> Ranking:
+    """KL-guided layer selection from an all-linear Stage-1 model."""
+    work_dir = Path(work_dir)
+    num_layers = stage1.config.num_hidden_layers
+    layers = list(range(num_layers)) if layers is None else layers
+    t0 = time.perf_counter()
+    shared = SharedScoringInputs.build(teacher, stage1, data, cfg, runtime)
+    shared_seconds = time.perf_counter() - t0
+    single = replace(runtime, rank=0, world=1)
+    tcfg = replace(cfg.candidate.train, save_every=0)
+    candidate_cfg = replace(cfg.candidate, train=tcfg)
+
+    def get_batch(step: int, micro: int):
+        return shared.batches[step][micro]
+
+    def run_candidate(layer: int) -> dict:
+        start = time.perf_counter()
+        candidate = restore_softmax(stage1, teacher, [layer])
+        kl0 = _kl_from_prefix(candidate, layer, shared, runtime)
+        cand_dir = work_dir / "runs" / f"layer_{layer:03d}"
+        log = run_stage2(teacher, candidate, data, candidate_cfg, cand_dir, single, shared.eval_set,
+                         get_batch=get_batch, name=f"candidate {layer:>2}/{num_layers}")
+        curve = [[0, kl0]] + [[r["step"], r["eval_kl"]] for r in log if "eval_kl" in r]
+        del candidate
+        return {
+            "layer": layer,
+            "score": curve[-1][1],
+            "curve": curve,
+            "train_loss": [[r["step"], r["loss"]] for r in log],
+            "seconds": time.perf_counter() - start,
+        }
+
+    results = spread_layers(layers, work_dir / "candidates", runtime, run_candidate)
+    scores = {layer: r["score"] for layer, r in results.items()}
+    return ranking_from_scores(
+        "ga-s2", scores, lower_is_more_important=True, metric="held-out KL(teacher || hybrid) after a short Stage 2",
+        curves={layer: r["curve"] for layer, r in results.items()},
+        details={
+            "candidate_steps": tcfg.steps,
+            "candidate_tokens": tcfg.tokens,
+            "eval_tokens": shared.eval_set.num_tokens,
+            "train_loss": {layer: r["train_loss"] for layer, r in results.items()},
+            "seconds_per_candidate": {layer: r["seconds"] for layer, r in results.items()},
+            "shared_inputs_seconds": shared_seconds,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# GA-S1
+# ---------------------------------------------------------------------------------------------
+
+
+def score_ga_s1(teacher: nn.Module, stage1: HybridForCausalLM, eval_set: EvalSet, runtime: Runtime,
+                loss_kind: str = "l2") -> Ranking:
+    """Rank layers by their held-out Stage-1 alignment loss (hardest to linearise first)."""
+    losses = heldout_alignment(teacher, stage1, eval_set, runtime, loss_kind)
+    return ranking_from_scores("ga-s1", dict(enumerate(losses)), lower_is_more_important=False,
+                               metric=f"held-out Stage-1 alignment loss ({loss_kind})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablation on synthetic associative recall
+# ---------------------------------------------------------------------------------------------
+
+
+def recall_vocabulary(tokenizer, limit: int = 4096) -> list[int]:
+    """Token ids that decode to a plain word (' word'); all non-special ids if there are too few."""
+    special = set(tokenizer.all_special_ids)
+    words = [i for i in range(min(len(tokenizer), 200_000)) if i not in special
+             and re.fullmatch(r" [A-Za-z]{3,}", tokenizer.decode([i]))][:limit]
+    return words if len(words) >= 64 else [i for i in range(len(tokenizer)) if i not in special]
+
+
+def recall_task(vocab: list[int], samples: int, pairs: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts `k1 v1 k2 v2 ... kP vP  k_s1 v_s1 ... k_sP v_sP` (keys repeated in a shuffled order).
+
+    Returns (ids [samples, 4P], query positions [samples, P] (a repeated key; the next token is its
+    value), answers [samples, P]).
+    """
+    if len(vocab) < 2 * pairs:
+        raise UserError(f"the tokenizer has too few usable tokens ({len(vocab)}) for {pairs} recall pairs")
+    gen = torch.Generator().manual_seed(seed)
+    vocab_t = torch.tensor(vocab)
+    ids, positions, answers = [], [], []
+    for _ in range(samples):
+        chosen = vocab_t[torch.randperm(len(vocab), generator=gen)[: 2 * pairs]]
+        keys, values = chosen[:pairs], chosen[pairs:]
+        perm = torch.randperm(pairs, generator=gen)
+        context = torch.stack([keys, values], 1).flatten()
+        queries = torch.stack([keys[perm], values[perm]], 1).flatten()
+        ids.append(torch.cat([context, queries]))
+        positions.append(2 * pairs + 2 * torch.arange(pairs))
+        answers.append(values[perm])
+    return torch.stack(ids), torch.stack(positions), torch.stack(answers)
+
+
+@torch.no_grad()
+def recall_accuracy(model: nn.Module, ids, positions, answers, runtime: Runtime, batch: int = 8) -> tuple[float, float]:
+    """(accuracy of the greedy answer, mean log-probability of the right answer) at the query positions."""
+    correct, logprob, n = 0.0, 0.0, 0
+    for start in range(0, len(ids), batch):
+        chunk = ids[start : start + batch].to(runtime.device)
+        with runtime.autocast():
+            logits = model(input_ids=chunk, use_cache=False).logits.float()
+        pos = positions[start : start + batch].to(runtime.device)
+        ans = answers[start : start + batch].to(runtime.device)
+        at = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))  # [b, P, V]
+        correct += (at.argmax(-1) == ans).float().sum().item()
+        logprob += at.log_softmax(-1).gather(-1, ans[..., None]).sum().item()
+        n += ans.numel()
+    return correct / n, logprob / n
+
+
+def score_ablation(teacher: nn.Module, tokenizer, cfg: ScoreConfig, work_dir: Path, runtime: Runtime) -> Ranking:
+    """Zero each teacher attention layer in turn; importance = drop in recall accuracy."""
+    ids, positions, answers = recall_task(recall_vocabulary(tokenizer), cfg.recall_samples, cfg.recall_pairs)
+    base_acc, base_lp = recall_accuracy(teacher, ids, positions, answers, runtime)
+    layers = list(range(teacher.config.num_hidden_layers))
+
+    def ablate(layer: int) -> dict:
+        def zero(module, args, output):
+            return (torch.zeros_like(output[0]),) + tuple(output[1:])
+
+        handle = teacher.model.layers[layer].self_attn.register_forward_hook(zero)
+        try:
+            acc, lp = recall_accuracy(teacher, ids, positions, answers, runtime)
+        finally:
+            handle.remove()
+        return {"layer": layer, "accuracy": acc, "logprob": lp}
+
+    results = spread_layers(layers, Path(work_dir) / "ablation", runtime, ablate)
+    drop = {layer: base_acc - r["accuracy"] for layer, r in results.items()}
+    lp_drop = {layer: base_lp - r["logprob"] for layer, r in results.items()}
+    return ranking_from_scores(
+        "ablation", drop, lower_is_more_important=False, tiebreak=lp_drop,
+        metric="recall accuracy drop when the layer's attention is zeroed",
+        details={"base_accuracy": base_acc, "base_logprob": base_lp, "logprob_drop": lp_drop,
+                 "samples": cfg.recall_samples, "pairs": cfg.recall_pairs},
+    )

@@ -1,0 +1,337 @@
+"""The RADLADS stages after the weight transfer (Stage 0 lives in distill.transfer).
+
+Stage 1 `align`:    every attention block is a GDN mixer; each mixer learns to reproduce its teacher
+                    layer's attention output from the teacher's own input to that block (teacher forcing:
+                    one teacher forward, hooks capture every block's input and output; layers train
+                    independently). Loss: mean over tokens of ||t - s||_2 / sqrt(d), averaged over layers.
+                    Only mixer parameters train.
+Stage 2 `distill`:  the teacher's attention goes back into the chosen layers; all parameters train on
+                    full-vocabulary forward KL(teacher || student) at every position (fused with both
+                    lm_heads: kernels.kl.fused_linear_kl). Mixers and restored attention at one LR,
+                    everything else at a smaller one.
+Stage 3 `finetune`: optional next-token cross-entropy.
+
+Each stage is a loss function plus parameter groups handed to `distill.train.train`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.config import FULL_ATTENTION, LINEAR_ATTENTION
+from distill.data import BlockOrder, PackedData, batch_for_step
+from distill.distributed import Runtime
+from distill.families import family
+from distill.modeling import HybridForCausalLM
+from distill.train import TrainConfig, train
+from kernels.kl import fused_linear_kl
+
+# ---------------------------------------------------------------------------------------------
+# Teacher forcing: capture every attention block's input and output in one teacher forward
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def capture_attention(teacher: nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(input to layer i's attention block (after its input norm), that block's output)] for every layer."""
+    taps: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(module, args, kwargs, output):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        taps.append((x.detach(), output[0].detach()))
+
+    layers = teacher.model.layers
+    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        # the last layer's MLP and the final norm are not needed; stopping early is not worth the code
+        teacher.model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return taps
+
+
+def alignment_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """'l2': mean over tokens of ||t - s||_2 / sqrt(d) (the reference); 'mse': mean squared error."""
+    diff = (teacher_out.float() - student_out.float())
+    if kind == "l2":
+        return diff.norm(dim=-1).mean() / math.sqrt(diff.shape[-1])
+    if kind == "mse":
+        return diff.pow(2).mean()
+    raise ValueError(f"alignment loss must be 'l2' or 'mse', got {kind!r}")
+
+
+def mixer_parameters(model: HybridForCausalLM) -> list[nn.Parameter]:
+    """Trainable parameters of every token mixer (GDN or softmax attention)."""
+    return [p for layer in model.model.layers for p in layer.mixer.parameters() if p.requires_grad]
+
+
+def freeze_all_but_mixers(model: HybridForCausalLM) -> None:
+    model.requires_grad_(False)
+    for layer in model.model.layers:
+        for name, p in layer.mixer.named_parameters():
+            p.requires_grad_(name != "conv1d.weight" or model.config.linear_conv_trainable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation sets: the teacher's outputs are computed once and reused by every evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSet:
+    """This process's share of the held-out blocks with the teacher's final hidden states."""
+
+    ids: list[torch.Tensor]  # [b, T] per batch
+    teacher_hidden: list[torch.Tensor]  # [b, T, H] per batch (after the final norm, before lm_head)
+    teacher_weight: torch.Tensor  # teacher lm_head weight [V, H]
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, teacher: nn.Module, data: PackedData, batch_size: int, runtime: Runtime) -> EvalSet:
+        blocks = list(data.eval_batches(batch_size))[runtime.rank :: runtime.world]
+        ids, hidden = [], []
+        for block in blocks:
+            block = block.to(runtime.device)
+            with runtime.autocast():
+                h = teacher.model(input_ids=block, use_cache=False).last_hidden_state
+            ids.append(block)
+            hidden.append(h)
+        return cls(ids, hidden, teacher.lm_head.weight.detach())
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(b.numel() for b in self.ids)
+
+
+def kl_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                   teacher_weight: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) from final hidden states [.., H] and lm_head weights."""
+    h_s, h_t = student_hidden.flatten(0, -2), teacher_hidden.flatten(0, -2)
+    if amp_dtype is not None:
+        h_s, student_weight, h_t, teacher_weight = (x.to(amp_dtype) for x in (h_s, student_weight, h_t, teacher_weight))
+    return fused_linear_kl(h_s, student_weight, h_t, teacher_weight)
+
+
+@torch.no_grad()
+def heldout_kl(student: HybridForCausalLM, eval_set: EvalSet, runtime: Runtime) -> float:
+    """Token-weighted mean KL(teacher || student) over all held-out blocks (all processes)."""
+    total, count = 0.0, 0
+    was_training = student.training
+    student.eval()
+    for ids, h_t in zip(eval_set.ids, eval_set.teacher_hidden):
+        with runtime.autocast():
+            h_s = student.model(input_ids=ids, use_cache=False).last_hidden_state
+        kl = kl_from_hidden(h_s, student.lm_head.weight, h_t, eval_set.teacher_weight, runtime.amp_dtype)
+        total += kl.item() * ids.numel()
+        count += ids.numel()
+    student.train(was_training)
+    total = runtime.all_reduce_mean(total) * runtime.world
+    count = runtime.all_reduce_mean(float(count)) * runtime.world
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def heldout_alignment(teacher: nn.Module, student: HybridForCausalLM, eval_set: EvalSet, runtime: Runtime,
+                      kind: str = "l2") -> list[float]:
+    """Per-layer held-out Stage-1 alignment loss (token-weighted over all processes)."""
+    sums = torch.zeros(len(student.model.layers), dtype=torch.float64)
+    count = 0
+    for ids in eval_set.ids:
+        with runtime.autocast():
+            taps = capture_attention(teacher, ids)
+            for i, (x, y) in enumerate(taps):
+                out = student.model.layers[i].linear_attn(x)[0]
+                sums[i] += alignment_loss(out, y, kind).item() * ids.numel()
+        count += ids.numel()
+    values = [runtime.all_reduce_mean(float(s)) * runtime.world for s in sums]
+    count = runtime.all_reduce_mean(float(count)) * runtime.world
+    return [v / max(count, 1) for v in values]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1
+# ---------------------------------------------------------------------------------------------
+
+
+def run_stage1(
+    teacher: nn.Module,
+    student: HybridForCausalLM,
+    data: PackedData,
+    cfg: TrainConfig,
+    work_dir: Path,
+    runtime: Runtime,
+    eval_set: EvalSet | None = None,
+    loss_kind: str = "l2",
+) -> list[dict]:
+    """Train every GDN mixer of an all-linear `student` to reproduce its teacher layer's attention output."""
+    if student.config.softmax_layers:
+        raise ValueError(f"Stage 1 expects an all-linear student; layers {student.config.softmax_layers} are softmax")
+    freeze_all_but_mixers(student)
+    mixers = [layer.linear_attn for layer in student.model.layers]
+    order = BlockOrder(len(data.train), cfg.seed)
+    accum = cfg.grad_accum(runtime.world)
+
+    def get_batch(step: int, micro: int) -> torch.Tensor:
+        return batch_for_step(data, order, step, micro, cfg.micro_batch, accum, runtime.rank, runtime.world)
+
+    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        taps = capture_attention(teacher, ids)
+        losses = [alignment_loss(mixer(x)[0], y, loss_kind) for mixer, (x, y) in zip(mixers, taps)]
+        return torch.stack(losses).mean(), {}
+
+    def evaluate() -> dict:
+        layers = heldout_alignment(teacher, student, eval_set, runtime, loss_kind)
+        return {"eval_align": sum(layers) / len(layers), "eval_align_layers": layers}
+
+    groups = [{"params": mixer_parameters(student), "lr": cfg.lr, "name": "mixers"}]
+    log = train("stage1 align", student, groups, loss_fn, get_batch, cfg, work_dir, runtime,
+                evaluate if eval_set is not None else None)
+    student.requires_grad_(True)
+    return log
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def restore_softmax(model: HybridForCausalLM, teacher: nn.Module, softmax_layers: list[int]) -> HybridForCausalLM:
+    """A copy of `model` whose layers `softmax_layers` hold the teacher's attention again.
+
+    Cheaper than building a new hybrid (no random init of the whole network): the copy keeps every
+    other weight of `model`, and each chosen layer's GDN mixer is swapped for a fresh attention block
+    of the teacher's family loaded with the teacher's weights.
+    """
+    hybrid = copy.deepcopy(model)
+    config = hybrid.config
+    attention_cls = family(config.teacher_model_type).attention
+    for i in softmax_layers:
+        layer = hybrid.model.layers[i]
+        if layer.layer_type == FULL_ATTENTION:
+            continue
+        attn = attention_cls(config, i)
+        attn.load_state_dict(teacher.model.layers[i].self_attn.state_dict())
+        param = next(layer.linear_attn.parameters())
+        del layer.linear_attn
+        layer.self_attn = attn.to(device=param.device, dtype=param.dtype)
+        layer.layer_type = FULL_ATTENTION
+        config.layer_types[i] = FULL_ATTENTION
+    return hybrid
+
+
+def stage2_param_groups(model: HybridForCausalLM, mixer_lr: float, other_lr: float) -> list[dict]:
+    """Mixers (GDN and restored attention) at mixer_lr; embeddings, MLPs, norms, lm_head at other_lr."""
+    mixers, others = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (mixers if (".linear_attn." in name or ".self_attn." in name) else others).append(p)
+    return [{"params": mixers, "lr": mixer_lr, "name": "mixers"}, {"params": others, "lr": other_lr, "name": "other"}]
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    train: TrainConfig
+    other_lr: float = 7e-6  # LR of everything that is not a token mixer (train.lr is the mixers' LR)
+
+
+TeacherHiddenFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def teacher_hidden_fn(teacher: nn.Module) -> TeacherHiddenFn:
+    @torch.no_grad()
+    def hidden(ids: torch.Tensor) -> torch.Tensor:
+        return teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+
+    return hidden
+
+
+def run_stage2(
+    teacher: nn.Module,
+    student: HybridForCausalLM,
+    data: PackedData,
+    cfg: Stage2Config,
+    work_dir: Path,
+    runtime: Runtime,
+    eval_set: EvalSet | None = None,
+    get_batch: Callable | None = None,
+    name: str = "stage2 distill",
+) -> list[dict]:
+    """All parameters train on full-vocabulary KL(teacher || student).
+
+    get_batch(step, micro) may return (ids, teacher_hidden) pairs computed beforehand (selection
+    shares one set among all its candidates); by default batches come from `data` and the teacher
+    runs on each.
+    """
+    tcfg = cfg.train
+    student.requires_grad_(True)
+    for layer in student.model.layers:
+        if layer.layer_type == LINEAR_ATTENTION:
+            layer.linear_attn.conv1d.weight.requires_grad_(student.config.linear_conv_trainable)
+    teacher_weight = teacher.lm_head.weight.detach()
+    run_teacher = teacher_hidden_fn(teacher)
+
+    if get_batch is None:
+        order = BlockOrder(len(data.train), tcfg.seed)
+        accum = tcfg.grad_accum(runtime.world)
+
+        def get_batch(step: int, micro: int) -> torch.Tensor:
+            return batch_for_step(data, order, step, micro, tcfg.micro_batch, accum, runtime.rank, runtime.world)
+
+    def loss_fn(batch) -> tuple[torch.Tensor, dict]:
+        ids, h_t = batch if isinstance(batch, tuple) else (batch, run_teacher(batch))
+        h_s = student.model(input_ids=ids, use_cache=False).last_hidden_state
+        return kl_from_hidden(h_s, student.lm_head.weight, h_t, teacher_weight, runtime.amp_dtype), {}
+
+    def evaluate() -> dict:
+        return {"eval_kl": heldout_kl(student, eval_set, runtime)}
+
+    groups = stage2_param_groups(student, tcfg.lr, cfg.other_lr)
+    return train(name, student, groups, loss_fn, get_batch, tcfg, work_dir, runtime,
+                 evaluate if eval_set is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3
+# ---------------------------------------------------------------------------------------------
+
+
+def run_stage3(
+    student: HybridForCausalLM,
+    data: PackedData,
+    cfg: TrainConfig,
+    work_dir: Path,
+    runtime: Runtime,
+    eval_set: EvalSet | None = None,
+) -> list[dict]:
+    """Next-token cross-entropy on the training blocks (all parameters, one LR)."""
+    student.requires_grad_(True)
+    for layer in student.model.layers:
+        if layer.layer_type == LINEAR_ATTENTION:
+            layer.linear_attn.conv1d.weight.requires_grad_(student.config.linear_conv_trainable)
+    order = BlockOrder(len(data.train), cfg.seed)
+    accum = cfg.grad_accum(runtime.world)
+
+    def get_batch(step: int, micro: int) -> torch.Tensor:
+        return batch_for_step(data, order, step, micro, cfg.micro_batch, accum, runtime.rank, runtime.world)
+
+    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        h = student.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        logits = student.lm_head(h).float()
+        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()), {}
+
+    def evaluate() -> dict:
+        return {"eval_kl": heldout_kl(student, eval_set, runtime)}
+
+    groups = [{"params": [p for p in student.parameters() if p.requires_grad], "lr": cfg.lr, "name": "all"}]
+    return train("stage3 finetune", student, groups, loss_fn, get_batch, cfg, work_dir, runtime,
+                 evaluate if eval_set is not None else None)
