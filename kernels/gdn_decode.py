@@ -72,6 +72,7 @@ if triton is not None:
         V: tl.constexpr,
         BK: tl.constexpr,
         BV: tl.constexpr,
+        STREAM_HINT: tl.constexpr,
     ):
         # V tiles of one head are neighbours in launch order, so programs running together share
         # the cache lines and DRAM pages of that head's state.
@@ -89,7 +90,10 @@ if triton is not None:
             state_ptr + tl.maximum(slot, 0) * stride_slot + (bh % H) * (K * V) + rows[:, None] * V + cols[None, :]
         )  # [BK, BV] pointers
         mask_s = mask_k[:, None] & (mask_v & live)[None, :]
-        S = tl.load(state_tile, mask=mask_s, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        if STREAM_HINT:  # mark the state's cache lines evict-first: they are not read again
+            S = tl.load(state_tile, mask=mask_s, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        else:
+            S = tl.load(state_tile, mask=mask_s, other=0.0).to(tl.float32)
 
         q = tl.load(q_ptr + bh * K + rows, mask=mask_k, other=0.0).to(tl.float32) * scale
         k = tl.load(k_ptr + bh * K + rows, mask=mask_k, other=0.0).to(tl.float32)
@@ -123,7 +127,9 @@ def decode_launch_config(batch_heads: int, value_dim: int, state_bytes: int) -> 
     return block_v, num_warps
 
 
-def _gdn_decode_step_triton(q, k, v, g, beta, state_cache, slot_idx, scale, block_v=None, num_warps=None):
+def _gdn_decode_step_triton(
+    q, k, v, g, beta, state_cache, slot_idx, scale, block_v=None, num_warps=None, stream_hint=True
+):
     B, H, K = q.shape
     V = v.shape[-1]
     if state_cache.stride()[1:] != (K * V, V, 1):
@@ -135,7 +141,7 @@ def _gdn_decode_step_triton(q, k, v, g, beta, state_cache, slot_idx, scale, bloc
     grid = (B * H * triton.cdiv(V, block_v),)
     _gdn_decode_kernel[grid](
         q, k, v, g, beta, state_cache, slot_idx, o, state_cache.stride(0), scale,
-        H=H, K=K, V=V, BK=triton.next_power_of_2(K), BV=block_v, num_warps=num_warps,
+        H=H, K=K, V=V, BK=triton.next_power_of_2(K), BV=block_v, STREAM_HINT=stream_hint, num_warps=num_warps,
     )
     return o
 
