@@ -329,7 +329,7 @@ def decode_case(batch, state_dtype, seed):
 
 
 def time_ours(batch, state_dtype, config: tuple | None = None) -> float:
-    """us per step with the shipped launch config, or with config = (block_v, num_warps, stream_hint)."""
+    """us per step with the shipped launch config, or with config = (block_v, num_warps)."""
     cache, slots, steps = decode_case(batch, state_dtype, seed=batch)
     if config is None:
         fns = [lambda s=s, i=i: gdn_decode_step(*s, cache, i) for s, i in zip(steps, slots)]
@@ -436,24 +436,25 @@ def decode_timing(ceilings) -> str:
 
 
 def decode_sweep() -> str:
-    """Every (BV, warps, evict-first hint) with 8..128 state elements per thread, at several B."""
+    """Every (BV, warps) with 8..128 state elements per thread, at several B."""
     rows, full = [], []
     for state_dtype in (torch.float32, torch.bfloat16):
         dtype_name = str(state_dtype).split(".")[1]
+        elt = torch.finfo(state_dtype).bits // 8
         for batch in (1, 2, 4, 8, 16, 32, 256, 1024):
             results = {}
             for block_v in (8, 16, 32, 64, 128):
                 for num_warps in (1, 2, 4, 8):
                     if 8 <= DK * block_v // (32 * num_warps) <= 128:
-                        for hint in (True, False):
-                            results[(block_v, num_warps, hint)] = time_ours(batch, state_dtype, (block_v, num_warps, hint))
+                        results[(block_v, num_warps)] = time_ours(batch, state_dtype, (block_v, num_warps))
             best = min(results, key=results.get)
-            rows.append([dtype_name, batch, str(best), f"{results[best]:.2f}"])
+            chosen = decode_launch_config(batch * HEADS, DV, elt)
+            rows.append([dtype_name, batch, str(best), f"{results[best]:.2f}", str(chosen), f"{results[chosen]:.2f}"])
             full += [[dtype_name, batch, str(c), f"{t:.2f}"] for c, t in sorted(results.items())]
             print("sweep", rows[-1], flush=True)
     return (
-        "### Launch-config sweep (us per step, CUDA graphs; config = (BV, warps, evict-first hint))\n\n"
-        + table(["state", "B", "best config", "best us"], rows)
+        "### Launch-config sweep (us per step, CUDA graphs; config = (BV, warps))\n\n"
+        + table(["state", "B", "best config", "best us", "decode_launch_config", "its us"], rows)
         + "\n\n<details><summary>all configs</summary>\n\n"
         + table(["state", "B", "config", "us"], full)
         + "\n\n</details>"

@@ -72,7 +72,6 @@ if triton is not None:
         V: tl.constexpr,
         BK: tl.constexpr,
         BV: tl.constexpr,
-        STREAM_HINT: tl.constexpr,
     ):
         # V tiles of one head are neighbours in launch order, so programs running together share
         # the cache lines and DRAM pages of that head's state.
@@ -90,10 +89,7 @@ if triton is not None:
             state_ptr + tl.maximum(slot, 0) * stride_slot + (bh % H) * (K * V) + rows[:, None] * V + cols[None, :]
         )  # [BK, BV] pointers
         mask_s = mask_k[:, None] & (mask_v & live)[None, :]
-        if STREAM_HINT:  # mark the state's cache lines evict-first: they are not read again
-            S = tl.load(state_tile, mask=mask_s, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        else:
-            S = tl.load(state_tile, mask=mask_s, other=0.0).to(tl.float32)
+        S = tl.load(state_tile, mask=mask_s, other=0.0).to(tl.float32)
 
         q = tl.load(q_ptr + bh * K + rows, mask=mask_k, other=0.0).to(tl.float32) * scale
         k = tl.load(k_ptr + bh * K + rows, mask=mask_k, other=0.0).to(tl.float32)
@@ -112,24 +108,19 @@ if triton is not None:
 
 
 def decode_launch_config(batch_heads: int, value_dim: int, state_bytes: int) -> tuple[int, int]:
-    """(BV, num_warps) for B*H (sequence, head) pairs.
+    """(BV, num_warps) for B*H (sequence, head) pairs and a state of `state_bytes` per element.
 
-    Wide tiles stream best (long contiguous rows, fewer programs to schedule); small batches need
-    narrow tiles to put enough programs on the 132 SMs of an H100. Chosen from the sweep in
-    bench/kernels_bench.py (see bench/results/kernels.md).
+    From a sweep of BV x warps on an H100 at 32 heads x 128 x 128 (bench/results/kernels.md): small
+    batches are latency-bound and want many programs with 64-byte tile rows; from B = 8 (fp32) or
+    B = 32 (bf16) on, 64-column tiles with 2 warps stream at 90%+ of copy bandwidth. An evict-first
+    hint on the state loads did not help (same sweep).
     """
-    target_programs = 2048
-    block_v = 64 if state_bytes == 4 else 128
-    while block_v > 8 and batch_heads * triton.cdiv(value_dim, block_v) < target_programs:
-        block_v //= 2
-    block_v = min(block_v, triton.next_power_of_2(value_dim))
-    num_warps = max(1, min(8, 128 * block_v // 4096))  # ~32 state elements per thread (K = 128)
-    return block_v, num_warps
+    small = batch_heads <= (128 if state_bytes >= 4 else 512)
+    block_v = 64 // state_bytes if small else 64
+    return min(block_v, triton.next_power_of_2(value_dim)), 2
 
 
-def _gdn_decode_step_triton(
-    q, k, v, g, beta, state_cache, slot_idx, scale, block_v=None, num_warps=None, stream_hint=True
-):
+def _gdn_decode_step_triton(q, k, v, g, beta, state_cache, slot_idx, scale, block_v=None, num_warps=None):
     B, H, K = q.shape
     V = v.shape[-1]
     if state_cache.stride()[1:] != (K * V, V, 1):
@@ -141,7 +132,7 @@ def _gdn_decode_step_triton(
     grid = (B * H * triton.cdiv(V, block_v),)
     _gdn_decode_kernel[grid](
         q, k, v, g, beta, state_cache, slot_idx, o, state_cache.stride(0), scale,
-        H=H, K=K, V=V, BK=triton.next_power_of_2(K), BV=block_v, STREAM_HINT=stream_hint, num_warps=num_warps,
+        H=H, K=K, V=V, BK=triton.next_power_of_2(K), BV=block_v, num_warps=num_warps,
     )
     return o
 
