@@ -144,11 +144,15 @@ def kl_impls() -> dict[str, Callable]:
     return impls
 
 
-def kl_inputs(n, vocab, hs, ht, dtype, seed):
-    """Random hidden states and lm_heads with logits of std ~2; student and teacher independent."""
+def kl_inputs(n, vocab, hs, ht, dtype, seed, close=None):
+    """Random hidden states and lm_heads with logits of std ~2; student and teacher independent, or
+    (close = eps) the teacher is the student with its lm_head perturbed by eps (KL ~ 1e-3)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     h_s = torch.randn(n, hs, device="cuda", generator=gen).to(dtype).requires_grad_()
     w_s = (torch.randn(vocab, hs, device="cuda", generator=gen) * 2 / hs**0.5).to(dtype).requires_grad_()
+    if close is not None:
+        noise = torch.randn(vocab, hs, device="cuda", generator=gen) * close * 2 / hs**0.5
+        return h_s, w_s, h_s.detach().clone(), (w_s.detach().float() + noise).to(dtype)
     h_t = torch.randn(n, ht, device="cuda", generator=gen).to(dtype)
     w_t = (torch.randn(vocab, ht, device="cuda", generator=gen) * 2 / ht**0.5).to(dtype)
     return h_s, w_s, h_t, w_t
@@ -169,28 +173,32 @@ def kl_errors(fn, inputs, temperature, ref):
 
 
 def kl_correctness(impls) -> tuple[str, bool]:
-    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+    tol = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-3, 2e-2)}  # (loss, gradients) relative
     rows, ok = [], True
-    cases = [(torch.float32, 1.0, 0), (torch.bfloat16, 1.0, 1), (torch.bfloat16, 0.7, 2)]
-    for dtype, temperature, seed in cases:
-        inputs = kl_inputs(1000, 5003, 64, 96, dtype, seed)  # ragged: partial chunks and V blocks
+    # (dtype, temperature, seed, teacher): independent models (KL ~ 2), or a close teacher (KL ~ 1e-3)
+    cases = [(torch.float32, 1.0, 0, None), (torch.bfloat16, 1.0, 1, None), (torch.bfloat16, 0.7, 2, None),
+             (torch.float32, 1.0, 3, 0.03), (torch.bfloat16, 1.0, 4, 0.03)]
+    for dtype, temperature, seed, close in cases:
+        inputs = kl_inputs(1000, 5003, 64, 96, dtype, seed, close)  # ragged: partial chunks and V blocks
         ref = kl_reference(*inputs, temperature)
+        case = [str(dtype).split(".")[1], temperature, "close" if close else "independent", f"{ref[0].item():.2e}"]
         ours = kl_errors(
             lambda hs, ws, ht, wt, t: fused_linear_kl(hs, ws, ht, wt, temperature=t, chunk_tokens=384),
             inputs, temperature, ref,
         )
-        passed = max(ours) <= tol[dtype]
+        passed = ours[0] <= tol[dtype][0] and max(ours[1:]) <= tol[dtype][1]
         ok &= passed
-        rows.append(["ours", str(dtype).split(".")[1], temperature, *ours, "pass" if passed else "FAIL"])
+        rows.append(["ours", *case, *ours, "pass" if passed else "FAIL"])
         if temperature == 1.0:  # the libraries at their defaults (T = 1)
             for name, fn in impls.items():
                 if not name.startswith("ours"):
                     try:
-                        rows.append([name, str(dtype).split(".")[1], 1.0, *kl_errors(fn, inputs, None, ref), "-"])
+                        rows.append([name, *case, *kl_errors(fn, inputs, None, ref), "-"])
                     except Exception as e:  # noqa: BLE001
-                        rows.append([name, str(dtype).split(".")[1], 1.0, "error", type(e).__name__, "", str(e)[:60]])
+                        rows.append([name, *case, "error", type(e).__name__, "", str(e)[:60]])
     text = "### Correctness vs float64 (1,000 tokens, vocab 5,003, hidden 64 / 96)\n\n" + table(
-        ["impl", "dtype", "T", "loss rel err", "grad_hidden rel err", "grad_weight rel err", f"ours within {tol[torch.float32]:g} / {tol[torch.bfloat16]:g}"],
+        ["impl", "dtype", "T", "teacher", "KL", "loss rel err", "grad_hidden rel err", "grad_weight rel err",
+         "ours within (loss, grads) fp32 1e-4 / bf16 (1e-3, 2e-2)"],
         rows,
     )
     return text, ok

@@ -4,18 +4,23 @@
     d loss / d z_s[n, v] = (p_s[n, v] - p_t[n, v]) / (T N)       (z_s = h_s W_s^T, the student logits)
 
 Materialising [tokens x vocab] logits twice costs tens of GiB at Stage-2 sizes (16K tokens x 152K
-vocab: 10 GB per fp32 copy). `fused_linear_kl` never does: the forward pass walks over chunks of
-tokens, and for each chunk
+vocab: 10 GB per fp32 copy). `fused_linear_kl` never does: the forward pass walks over chunks of C
+tokens (`chunk_tokens`), and each chunk over sub-chunks of C/4 tokens:
 
-    1. z_s, z_t = h_s W_s^T, h_t W_t^T             [C, V], cuBLAS, input dtype (bf16 on GPU)
-    2. per row: logsumexp of both, the KL, and dz_s = (p_s - p_t) / (T N) written over z_s
-       (one Triton kernel on CUDA, two passes over the row; torch in fp32 elsewhere)
-    3. grad_hidden[chunk] = dz_s W_s                [C, Hs]
-       grad_weight       += dz_s^T h_s[chunk]        [V, Hs], accumulated in fp32
+    1. z_s, z_t = h_s W_s^T, h_t W_t^T               [C/4, V] fp32: bf16 GEMMs with fp32 output
+    2. per row: logsumexp of both, the KL, and dz = (p_s - p_t) / (T N) into the chunk's
+       [C, V] buffer in the input dtype (one Triton kernel on CUDA, two passes over the row)
+    3. once per chunk: grad_hidden[chunk] = dz W_s              [C, Hs]
+                       grad_weight       += dz^T h_s[chunk]      [V, Hs], accumulated in fp32
 
 so the forward pass already holds both gradients and backward only scales them by the incoming
-gradient (the trick Liger-Kernel uses). Extra memory is the fp32 weight-gradient accumulator plus
-two [C, V] logit buffers; `chunk_tokens=None` sizes C to keep the total under `MEMORY_BUDGET_BYTES`.
+gradient (the trick Liger-Kernel uses). Logits stay fp32 end to end: rounding them to bf16 (what a
+plain bf16 `h @ W.T` does) perturbs each probability by ~0.4%, which is as large as p_s - p_t itself
+once the student is close to the teacher (KL ~ 1e-3: 40% gradient error, measured in
+bench/results/kernels.md). The gradient GEMMs want many tokens (the fp32 weight-gradient accumulator
+is read and written once per chunk), the fp32 logits want few: hence the two chunk sizes.
+Extra memory: the fp32 [V, Hs] accumulator, the [C, V] dz buffer and two [C/4, V] fp32 logit
+buffers; `chunk_tokens=None` sizes C to keep the total under `MEMORY_BUDGET_BYTES`.
 
 `naive_kl` is the textbook formula (full logits, log_softmax in fp32); run it in float64 as the reference.
 """
@@ -34,11 +39,12 @@ except ImportError:  # CPU-only installs without triton still get the torch path
 
 __all__ = ["fused_linear_kl", "naive_kl", "MEMORY_BUDGET_BYTES"]
 
-# Extra memory the fused path aims to stay under (fp32 weight-grad accumulator + logit chunks).
+# Extra memory the fused path aims to stay under (fp32 weight-grad accumulator + chunk buffers).
 MEMORY_BUDGET_BYTES = int(1.8 * 2**30)
-# Larger logit chunks than this stopped paying on an H100 (bench/results/kernels.md: 16K tokens x
-# 49K vocab ran 9.6 ms with 0.4 GiB of logit buffers, 9.1 ms with 1.5 GiB).
-LOGIT_BUFFER_BYTES = 640 * 2**20
+# Larger chunk buffers than this stopped paying on an H100 (bench/results/kernels.md: 16K tokens x
+# 49K vocab ran 9.6 ms with 0.4 GiB of buffers, 9.1 ms with 1.5 GiB).
+CHUNK_BUFFER_BYTES = 640 * 2**20
+LOGIT_SUBCHUNKS = 4  # fp32 logits are computed for chunk_tokens / 4 tokens at a time
 _MIN_CHUNK_TOKENS = 128
 _MAX_CHUNK_TOKENS = 8192
 
@@ -63,16 +69,17 @@ def naive_kl(
 # ----------------------------------------------------------------------------------------------
 
 
-def _kl_rows_torch(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float, grad_scale: float) -> torch.Tensor:
-    """z_s, z_t [C, V]. Returns KL per row [C] (fp32, or fp64 for fp64 logits) and overwrites z_s
-    with grad_scale * (p_s - p_t)."""
+def _kl_rows_torch(
+    z_s: torch.Tensor, z_t: torch.Tensor, dz: torch.Tensor, temperature: float, grad_scale: float
+) -> torch.Tensor:
+    """z_s, z_t [C, V] logits. Returns the KL of each row [C] (fp32, or fp64 for fp64 logits) and
+    writes grad_scale * (p_s - p_t) into dz [C, V] (any float dtype)."""
     acc_dtype = torch.promote_types(z_s.dtype, torch.float32)
     log_p_s = (z_s.to(acc_dtype) / temperature).log_softmax(-1)
     log_p_t = (z_t.to(acc_dtype) / temperature).log_softmax(-1)
     p_t = log_p_t.exp()
-    row_kl = (p_t * (log_p_t - log_p_s)).sum(-1)
-    z_s.copy_((log_p_s.exp() - p_t) * grad_scale)
-    return row_kl
+    dz.copy_((log_p_s.exp() - p_t) * grad_scale)
+    return (p_t * (log_p_t - log_p_s)).sum(-1)
 
 
 if triton is not None:
@@ -88,12 +95,14 @@ if triton is not None:
 
     @triton.jit
     def _kl_rows_kernel(
-        zs_ptr,  # [C, V] student logits in; grad_scale * (p_s - p_t) out
+        zs_ptr,  # [C, V] student logits
         zt_ptr,  # [C, V] teacher logits
-        row_kl_ptr,  # [C] fp32
+        dz_ptr,  # [C, V] out: grad_scale * (p_s - p_t)
+        row_kl_ptr,  # [C] fp32 out
         V,
         stride_zs,
         stride_zt,
+        stride_dz,
         inv_temp,
         grad_scale,
         BLOCK_V: tl.constexpr,
@@ -128,25 +137,27 @@ if triton is not None:
         kl = tl.sum(a_t * tl.exp(m_t - max_t), axis=0) / sum_t - lse_t + lse_s
         tl.store(row_kl_ptr + row, kl)
 
-        # Pass 2: the logit gradient, in place of the student logits.
+        # Pass 2: the logit gradient.
         for start in range(0, V, BLOCK_V):
             mask = start + cols < V
             x_s = tl.load(zs_row + start + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
             x_t = tl.load(zt_row + start + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
             dz = (tl.exp(x_s - lse_s) - tl.exp(x_t - lse_t)) * grad_scale
-            tl.store(zs_row + start + cols, dz.to(zs_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptr + row * stride_dz + start + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def _kl_rows_triton(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float, grad_scale: float) -> torch.Tensor:
+def _kl_rows_triton(
+    z_s: torch.Tensor, z_t: torch.Tensor, dz: torch.Tensor, temperature: float, grad_scale: float
+) -> torch.Tensor:
     """Same contract as `_kl_rows_torch`: one Triton program per row, fp32 arithmetic."""
     if triton is None:
         raise RuntimeError("impl='triton' needs the triton package")
     rows, vocab = z_s.shape
-    assert z_s.stride(1) == 1 and z_t.stride(1) == 1, "logit rows must be contiguous"
+    assert z_s.stride(1) == z_t.stride(1) == dz.stride(1) == 1, "rows must be contiguous"
     row_kl = torch.empty(rows, dtype=torch.float32, device=z_s.device)
     block_v = min(2048, triton.next_power_of_2(vocab))
     _kl_rows_kernel[(rows,)](
-        z_s, z_t, row_kl, vocab, z_s.stride(0), z_t.stride(0), 1.0 / temperature, grad_scale,
+        z_s, z_t, dz, row_kl, vocab, z_s.stride(0), z_t.stride(0), dz.stride(0), 1.0 / temperature, grad_scale,
         BLOCK_V=block_v, num_warps=8,
     )
     return row_kl
@@ -159,39 +170,43 @@ _KL_ROWS = {"torch": _kl_rows_torch, "triton": _kl_rows_triton}
 # Steps 1 and 3: matmuls and gradient accumulation.
 # ----------------------------------------------------------------------------------------------
 
-_addmm_out_dtype_works: bool | None = None  # probed on first CUDA use
+_cuda_out_dtype_works: bool | None = None  # torch.mm/addmm(out_dtype=fp32), probed on first use
 
 
-def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc [M, N] fp32 += a [M, K] @ b [K, N], keeping a and b in their (possibly 16-bit) dtype.
+def _fp32_product(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b in fp32 without rounding the product to a's dtype; added into acc when given.
 
-    On CUDA, cuBLAS adds a bf16 x bf16 product straight into an fp32 matrix
-    (`torch.addmm(..., out_dtype=torch.float32)`); without that, the product is rounded to the
-    input dtype first and then added.
+    bf16/fp16 operands on CUDA go through cuBLAS with an fp32 output (`out_dtype=torch.float32`,
+    torch >= 2.8), keeping the tensor cores; elsewhere (or without out_dtype) the product is
+    computed in the operands' dtype and then widened.
     """
-    global _addmm_out_dtype_works
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda and _addmm_out_dtype_works is not False:
+    global _cuda_out_dtype_works
+    if a.dtype.itemsize < 4 and a.is_cuda and _cuda_out_dtype_works is not False:
         try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _addmm_out_dtype_works = True
-            return
+            if acc is None:
+                result = torch.mm(a, b, out_dtype=torch.float32)
+            else:
+                result = torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _cuda_out_dtype_works = True
+            return result
         except (RuntimeError, TypeError):
-            _addmm_out_dtype_works = False
-    acc.add_(a @ b)
+            _cuda_out_dtype_works = False
+    if acc is None:
+        return (a @ b).to(torch.promote_types(a.dtype, torch.float32))
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    return acc.add_(a @ b)
 
 
 def auto_chunk_tokens(
-    num_tokens: int, vocab: int, student_hidden_size: int, logit_bytes: int, need_grad_weight: bool
+    num_tokens: int, vocab: int, student_hidden_size: int, grad_bytes: int, need_grad_weight: bool
 ) -> int:
-    """Largest multiple of 128 tokens whose two [C, V] logit buffers fit beside the fp32 weight grad
-    (and within LOGIT_BUFFER_BYTES)."""
+    """Largest multiple of 128 tokens whose buffers (dz [C, V] in `grad_bytes` per element, two fp32
+    [C / LOGIT_SUBCHUNKS, V] logit blocks) fit beside the fp32 weight gradient, within CHUNK_BUFFER_BYTES."""
     fixed = 4 * vocab * student_hidden_size if need_grad_weight else 0
-    room = min(max(MEMORY_BUDGET_BYTES - fixed, 0), LOGIT_BUFFER_BYTES)
-    chunk = room // (2 * vocab * logit_bytes)
-    chunk = max(_MIN_CHUNK_TOKENS, min(_MAX_CHUNK_TOKENS, chunk // 128 * 128))
+    room = min(max(MEMORY_BUDGET_BYTES - fixed, 0), CHUNK_BUFFER_BYTES)
+    chunk = room // (vocab * (grad_bytes + 2 * 4 / LOGIT_SUBCHUNKS))
+    chunk = max(_MIN_CHUNK_TOKENS, min(_MAX_CHUNK_TOKENS, int(chunk) // 128 * 128))
     return min(chunk, num_tokens)
 
 
@@ -220,30 +235,34 @@ def _kl_and_grads(
     num_tokens, vocab = h_s.shape[0], w_s.shape[0]
     impl = _resolve_impl(impl, h_s.device)
     kl_rows = _KL_ROWS[impl]
-    # GPU: matmuls in the input dtype (bf16 tensor cores, fp32 accumulation inside cuBLAS).
+    # GPU: matmuls on the input dtype (bf16 tensor cores) with fp32 logits and fp32 weight-grad sums.
     # CPU: everything in fp32 (CPU half-precision matmuls are slow and round more).
     if h_s.device.type != "cuda":
         h_s, w_s, h_t, w_t = (x.float() if x.dtype.itemsize < 4 else x for x in (h_s, w_s, h_t, w_t))
     if chunk_tokens is None:
         chunk_tokens = auto_chunk_tokens(num_tokens, vocab, h_s.shape[1], h_s.element_size(), need_grad_weight)
+    chunk_tokens = min(chunk_tokens, num_tokens)
 
     acc_dtype = torch.promote_types(h_s.dtype, torch.float32)
     row_kl = torch.empty(num_tokens, dtype=acc_dtype, device=h_s.device)
     grad_hidden = torch.empty_like(h_s) if need_grad_hidden else None
     grad_weight = torch.zeros(w_s.shape, dtype=acc_dtype, device=w_s.device) if need_grad_weight else None
+    dz_buffer = torch.empty(chunk_tokens, vocab, dtype=h_s.dtype, device=h_s.device)
+    logit_tokens = max(1, chunk_tokens // LOGIT_SUBCHUNKS)
     grad_scale = 1.0 / (temperature * num_tokens)
     for start in range(0, num_tokens, chunk_tokens):
-        chunk = slice(start, min(start + chunk_tokens, num_tokens))
-        z_s = h_s[chunk] @ w_s.T  # [C, V]
-        z_t = h_t[chunk] @ w_t.T  # [C, V]
-        row_kl[chunk] = kl_rows(z_s, z_t, temperature, grad_scale)
-        del z_t
-        dz_s = z_s  # now grad_scale * (p_s - p_t)
+        stop = min(start + chunk_tokens, num_tokens)
+        dz = dz_buffer[: stop - start]  # [C, V]
+        for sub in range(start, stop, logit_tokens):
+            rows = slice(sub, min(sub + logit_tokens, stop))
+            z_s = _fp32_product(h_s[rows], w_s.T)  # [C/4, V] fp32
+            z_t = _fp32_product(h_t[rows], w_t.T)
+            row_kl[rows] = kl_rows(z_s, z_t, dz[rows.start - start : rows.stop - start], temperature, grad_scale)
+            del z_s, z_t
         if grad_hidden is not None:
-            torch.mm(dz_s, w_s, out=grad_hidden[chunk])
+            torch.mm(dz, w_s, out=grad_hidden[start:stop])
         if grad_weight is not None:
-            _accumulate_fp32(grad_weight, dz_s.T, h_s[chunk])
-        del z_s, dz_s
+            _fp32_product(dz.T, h_s[start:stop], acc=grad_weight)
     return row_kl.sum() / num_tokens, grad_hidden, grad_weight
 
 
