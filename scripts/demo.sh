@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole job on the embedded default, on CPU: convert SmolLM2-135M into a 1/4-softmax hybrid
+# (demo budget), serve it with vLLM, and answer one chat request through the official openai client.
+# Rerunning resumes an interrupted conversion and reuses a finished one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/smollm2-demo}
+PORT=${PORT:-8011}
+export PATH="$PWD/.venv/bin:$PATH"
+
+if [ ! -f "$OUT/config.json" ]; then
+  hybrid convert --teacher smollm2-135m --data demo --ratio 0.25 --preset demo --out "$OUT"
+fi
+hybrid info "$OUT"
+
+hybrid serve "$OUT" --port "$PORT" --served-model-name smollm2-hybrid --max-model-len 2048 --kv-cache-space 1 \
+  > "$OUT.serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+echo "waiting for the server (about a minute on 2 cores; log: $OUT.serve.log)"
+for _ in $(seq 1 300); do
+  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
+  kill -0 $SERVER 2>/dev/null || { tail -30 "$OUT.serve.log"; exit 1; }
+  sleep 2
+done
+
+python - "$PORT" <<'PY'
+import sys
+from openai import OpenAI
+
+client = OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="none")
+reply = client.chat.completions.create(
+    model="smollm2-hybrid",
+    messages=[{"role": "user", "content": "What is the capital of France?"}],
+    max_tokens=48,
+    temperature=0,
+)
+print("assistant:", reply.choices[0].message.content)
+PY
