@@ -106,6 +106,9 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-graphs", action="store_true", help="eager timing only")
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile-context", type=int, default=None,
+                   help="also profile one eager step's kernels at this context (largest batch)")
+    p.add_argument("--note", default=None, help="free text stored with the result (how/where it was run)")
     p.add_argument("--out", type=Path, required=True, help="directory for decode.json, report and plots")
 
 

@@ -84,6 +84,7 @@ class DecodeBenchConfig:
     graphs: bool = True
     device: str = "cuda"
     seed: int = 0
+    profile_context: int | None = None  # also profile the kernels of one eager step at this context (max batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,7 +422,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_decode(model, config: HybridConfig, cfg: DecodeBenchConfig, context: int, batch: int) -> dict:
+def time_decode(model, config: HybridConfig, cfg: DecodeBenchConfig, context: int, batch: int,
+                profile: bool = False) -> dict:
     """Time one decode step at `context` for `batch` sequences; returns step times and memory."""
     device, dtype = cfg.device, getattr(torch, cfg.dtype)
     state_dtype = getattr(torch, cfg.state_dtype)
@@ -479,8 +481,40 @@ def time_decode(model, config: HybridConfig, cfg: DecodeBenchConfig, context: in
             log.warning("CUDA graph capture failed at context %d batch %d: %s", context, batch, err)
             out["note"] = f"graph capture failed: {type(err).__name__}: {str(err)[:120]}"
     out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+    if profile:
+        cache.position = context
+        out["profile"] = profile_step(step, device)
     del cache
     return out
+
+
+def profile_step(step, device: str, steps: int = 3, top: int = 15) -> dict:
+    """Device time per decode step by kernel (eager steps under torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    step()
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    rows = []
+    for evt in prof.key_averages():
+        # On CUDA count kernels only: an aten op's row repeats the device time of the kernels it launched.
+        if device.startswith("cuda") and evt.key.startswith("aten::"):
+            continue
+        if device.startswith("cuda"):
+            dev_us = getattr(evt, "self_device_time_total", None)
+            if dev_us is None:
+                dev_us = getattr(evt, "self_cuda_time_total", 0)
+        else:  # CPU smoke runs: self CPU time of each op
+            dev_us = evt.self_cpu_time_total
+        if dev_us and dev_us > 0:
+            rows.append({"kernel": evt.key[:120], "us_per_step": dev_us / steps, "calls_per_step": evt.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"device_us_per_step": sum(r["us_per_step"] for r in rows), "kernels_per_step":
+            sum(r["calls_per_step"] for r in rows), "top": rows[:top]}
 
 
 def largest_batch(config: HybridConfig, cfg: DecodeBenchConfig, context: int) -> int:
@@ -540,7 +574,8 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
                         config, context + cfg.margin, dtype.itemsize, state_dtype.itemsize)
                     moved = min_bytes_per_step(config, batch, context, wbytes, dtype.itemsize, state_dtype.itemsize)
                     try:
-                        timing = time_decode(model, config, cfg, context, batch)
+                        timing = time_decode(model, config, cfg, context, batch,
+                                             profile=(rule == "max" and context == cfg.profile_context))
                     except torch.OutOfMemoryError as err:
                         log.warning("%s context %d batch %d: out of memory (%s)", name, context, batch, err)
                         torch.cuda.empty_cache()
@@ -558,6 +593,8 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
                         note=timing["note"],
                     )
                     result["points"].append(asdict(point))
+                    if "profile" in timing:
+                        result.setdefault("profiles", {})[f"{name}@{context}"] = timing["profile"]
                     best = point.tokens_per_s_graph or point.tokens_per_s_eager
                     log.info("%-7s ctx %6d batch %5d: %10.0f tok/s  (graph %s ms, eager %.2f ms, cache %.2f GiB)",
                              name, context, batch, best, f"{graph_ms:.3f}" if graph_ms else "-", eager_ms,
@@ -588,6 +625,7 @@ def config_from_args(args: argparse.Namespace) -> DecodeBenchConfig:
         batches=[b.strip() for b in args.batches.split(",") if b.strip()],
         budget_gib=args.budget_gib, max_batch=args.max_batch, steps=args.steps, repeats=args.repeats,
         dtype=args.dtype, gdn_step=args.gdn_step, graphs=not args.no_graphs, device=args.device, seed=args.seed,
+        profile_context=args.profile_context,
     )
 
 
@@ -599,6 +637,8 @@ def run_cli(args: argparse.Namespace) -> None:
         if b != "max" and not b.isdigit():
             raise SystemExit(f"--batches entries must be integers or 'max', got {b!r}")
     result = run_decode_bench(cfg)
+    if getattr(args, "note", None):
+        result["note"] = args.note
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode.json").write_text(json.dumps(result, indent=2))
     report = render_decode_report(result, args.out)

@@ -43,7 +43,7 @@ import requests
 from locust import User, constant, events, task
 from locust.exception import StopUser
 
-from bench.metrics import LengthDist, StreamTimer, parse_sse_line, text_prompt, token_prompt, DONE
+from bench.metrics import DONE, LengthDist, StreamTimer, iter_stream_lines, parse_sse_line, text_prompt, token_prompt
 
 _records_lock = threading.Lock()
 _records_file = None
@@ -193,7 +193,7 @@ class OpenAIStreamingUser(User):
                 if resp.status_code != 200:
                     error = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 else:
-                    for line in resp.iter_lines():
+                    for line in iter_stream_lines(resp.raw.read1):
                         payload = parse_sse_line(line)
                         if payload is None:
                             continue

@@ -315,6 +315,25 @@ def parse_sse_line(line: bytes | str) -> dict | str | None:
     return json.loads(data)
 
 
+def iter_stream_lines(read1, size: int = 65536):
+    """Lines of a streamed HTTP body as soon as they arrive.
+
+    read1(n) must return whatever bytes are available (at most n; b"" at the end), like urllib3's
+    `response.raw.read1`. (requests' `iter_lines()` reads fixed 512-byte blocks, which holds back
+    small SSE events on bodies that are not chunk-encoded and would fake near-zero inter-token gaps.)
+    """
+    buf = b""
+    while True:
+        data = read1(size)
+        if not data:
+            break
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        yield from lines
+    if buf:
+        yield buf
+
+
 def chunk_text(payload: dict) -> str:
     """The generated text a streamed chunk carries (completions `text` or chat `delta.content`)."""
     out = []
