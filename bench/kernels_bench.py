@@ -350,7 +350,8 @@ def time_copy(batch, state_dtype) -> float:
     """The roofline at this size: copy the same state bytes (B rows, rotated like the kernel's)."""
     cache, _, steps = decode_case(batch, state_dtype, seed=batch)
     dst = torch.empty_like(cache)
-    fns = [lambda r=r: dst[r * batch : (r + 1) * batch].copy_(cache[r * batch : (r + 1) * batch]) for r in range(len(steps))]
+    blocks = [slice(r * batch, (r + 1) * batch) for r in range(len(steps))]
+    fns = [lambda rows=rows: dst[rows].copy_(cache[rows]) for rows in blocks]
     return graph_time_us(fns)
 
 
@@ -422,7 +423,8 @@ def decode_timing(ceilings) -> str:
         header = ["B", "state MB moved (r+w)", "ours us", "ours GB/s", "% of copy BW", "copy same bytes us", "config"]
         if state_dtype == torch.float32:
             header += ["fla us", "fla / ours"]
-        parts.append(f"### State {str(state_dtype).split('.')[1]} (CUDA graphs, {HEADS} heads x {DK} x {DV})\n\n" + table(header, rows))
+        title = f"### State {str(state_dtype).split('.')[1]} (CUDA graphs, {HEADS} heads x {DK} x {DV})"
+        parts.append(title + "\n\n" + table(header, rows))
 
     # launch-bound regime without graphs
     eager_rows = []
@@ -431,14 +433,21 @@ def decode_timing(ceilings) -> str:
         ours = eager_time_us(lambda: gdn_decode_step(*steps[0], cache, slots[0]))
         r = fla.get(batch)
         eager_rows.append([batch, f"{ours:.1f}", f"{r['eager_us']:.1f}" if r and r["eager_us"] else "-"])
-    parts.append("### Without CUDA graphs (back-to-back calls, fp32 state)\n\n" + table(["B", "ours us/call", "fla us/call"], eager_rows))
+    parts.append(
+        "### Without CUDA graphs (back-to-back calls, fp32 state)\n\n"
+        + table(["B", "ours us/call", "fla us/call"], eager_rows)
+    )
 
     fla_checks = [[b, f"{r['errs'][0]:.2e}", f"{r['errs'][1]:.2e}"] for b, r in sorted(fla.items())]
-    parts.append("### fla checked against the same float64 reference\n\n" + table(["B", "o rel err", "state rel err"], fla_checks))
+    parts.append(
+        "### fla checked against the same float64 reference\n\n"
+        + table(["B", "o rel err", "state rel err"], fla_checks)
+    )
     if fla_failure:
         last_ok = max(fla) if fla else None
         parts.append(
-            f"fla's worker stopped after B={last_ok}; the tail of its stderr:\n\n```\n{fla_failure.strip()[-1200:]}\n```"
+            f"fla's worker stopped after B={last_ok}; the tail of its stderr:\n\n"
+            f"```\n{fla_failure.strip()[-1200:]}\n```"
         )
     return "\n\n".join(parts)
 
@@ -488,7 +497,8 @@ def header(argv: list[str]) -> str:
     return (
         "# kernels/ benchmark: fused linear + KL, GDN decode step\n\n"
         f"- command: `python {' '.join(argv)}`\n"
-        f"- device: {props.name}, {props.multi_processor_count} SMs, {props.total_memory / GiB:.0f} GiB; host {platform.node()}\n"
+        f"- device: {props.name}, {props.multi_processor_count} SMs, {props.total_memory / GiB:.0f} GiB;"
+        f" host {platform.node()}\n"
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}\n"
         f"- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())
     )

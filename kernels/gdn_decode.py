@@ -111,9 +111,9 @@ def decode_launch_config(batch_heads: int, value_dim: int, state_bytes: int) -> 
     """(BV, num_warps) for B*H (sequence, head) pairs and a state of `state_bytes` per element.
 
     From a sweep of BV x warps on an H100 at 32 heads x 128 x 128 (bench/results/kernels.md): small
-    batches are latency-bound and want many programs with 64-byte tile rows; from B = 8 (fp32) or
-    B = 32 (bf16) on, 64-column tiles with 2 warps stream at 90%+ of copy bandwidth. An evict-first
-    hint on the state loads did not help (same sweep).
+    batches (B <= 4 fp32, B <= 16 bf16) are latency-bound and want many programs with 64-byte tile
+    rows; above that, 64-column tiles with 2 warps (fp32: 90-99% of copy bandwidth from B = 32).
+    An evict-first hint on the state loads did not help (an earlier sweep).
     """
     small = batch_heads <= (128 if state_bytes >= 4 else 512)
     block_v = 64 // state_bytes if small else 64

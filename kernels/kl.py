@@ -16,9 +16,10 @@ tokens (`chunk_tokens`), and each chunk over sub-chunks of C/4 tokens:
 so the forward pass already holds both gradients and backward only scales them by the incoming
 gradient (the trick Liger-Kernel uses). Logits stay fp32 end to end: rounding them to bf16 (what a
 plain bf16 `h @ W.T` does) perturbs each probability by ~0.4%, which is as large as p_s - p_t itself
-once the student is close to the teacher (KL ~ 1e-3: 40% gradient error, measured in
-bench/results/kernels.md). The gradient GEMMs want many tokens (the fp32 weight-gradient accumulator
-is read and written once per chunk), the fp32 logits want few: hence the two chunk sizes.
+once the student is close to the teacher (KL ~ 2e-3: ~30% gradient error for naive torch and fla,
+measured in bench/results/kernels.md). The gradient GEMMs want many tokens per call (the fp32
+weight-gradient accumulator is read and written once per chunk); the fp32 logits, 8 bytes per
+token and vocabulary entry for the pair, want few: hence the two chunk sizes.
 Extra memory: the fp32 [V, Hs] accumulator, the [C, V] dz buffer and two [C/4, V] fp32 logit
 buffers; `chunk_tokens=None` sizes C to keep the total under `MEMORY_BUDGET_BYTES`.
 
@@ -37,12 +38,12 @@ try:
 except ImportError:  # CPU-only installs without triton still get the torch path
     triton = None
 
-__all__ = ["fused_linear_kl", "naive_kl", "MEMORY_BUDGET_BYTES"]
+__all__ = ["fused_linear_kl", "naive_kl", "auto_chunk_tokens", "MEMORY_BUDGET_BYTES"]
 
 # Extra memory the fused path aims to stay under (fp32 weight-grad accumulator + chunk buffers).
 MEMORY_BUDGET_BYTES = int(1.8 * 2**30)
-# Larger chunk buffers than this stopped paying on an H100 (bench/results/kernels.md: 16K tokens x
-# 49K vocab ran 9.6 ms with 0.4 GiB of buffers, 9.1 ms with 1.5 GiB).
+# Larger chunk buffers than this pay little on an H100 (bench/results/kernels.md, 16K tokens x 49K
+# vocab: 13.2 ms at 0.50 GiB extra, 12.2 ms at 0.87 GiB).
 CHUNK_BUFFER_BYTES = 640 * 2**20
 LOGIT_SUBCHUNKS = 4  # fp32 logits are computed for chunk_tokens / 4 tokens at a time
 _MIN_CHUNK_TOKENS = 128
@@ -310,8 +311,10 @@ def fused_linear_kl(
 
     student_hidden [N, Hs], student_weight [V, Hs], teacher_hidden [N, Ht], teacher_weight [V, Ht].
     Differentiable w.r.t. the student's hidden states and weight; the teacher's are constants.
-    The loss is an fp32 scalar (fp64 for fp64 inputs). Under torch.no_grad() no gradient is computed. impl: "auto" (Triton on CUDA, torch
-    elsewhere), "torch", or "triton" (on CPU tensors only under TRITON_INTERPRET=1).
+    The loss is an fp32 scalar (fp64 for fp64 inputs); under torch.no_grad() no gradient is computed.
+    chunk_tokens: tokens per gradient GEMM (None: sized by `auto_chunk_tokens`). impl: "auto"
+    (Triton on CUDA, torch elsewhere), "torch", or "triton" (CPU tensors only under TRITON_INTERPRET=1).
+    Backward may run once per forward (it scales the stored gradients in place).
     """
     if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
         raise ValueError("hidden states must be [tokens, hidden]; flatten batch and sequence first")
