@@ -12,8 +12,9 @@ Inputs use fla's "sequence-first" layout: q, k [B, T, H, K], v [B, T, H, V], g, 
 - `torch_chunk_gated_delta_rule`: chunked (WY) form in pure torch; differentiable; the CPU path for
   prefill and training.
 - `torch_recurrent_step`: one decode step in pure torch.
-`chunk_gated_delta_rule` / `recurrent_gated_delta_rule` dispatch to flash-linear-attention's Triton
-kernels on CUDA when fla is installed, otherwise to the torch implementations.
+`chunk_gated_delta_rule` dispatches to flash-linear-attention's Triton kernel on CUDA when fla is
+installed; `recurrent_gated_delta_rule` to our decode-step kernel (kernels/gdn_decode.py) on CUDA;
+both fall back to the torch implementations elsewhere.
 """
 
 from __future__ import annotations
@@ -181,7 +182,18 @@ def recurrent_gated_delta_rule(
     state: torch.Tensor,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode: fla's fused recurrent kernel on CUDA, the torch step elsewhere."""
+    """Decode: our Triton decode-step kernel on CUDA for one token without autograd (it updates the
+    state in place, ~1.1-1.35x faster than fla's, see bench/results/kernels.md), fla's fused recurrent
+    kernel for other CUDA calls, the torch step elsewhere."""
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, state))
+    if q.is_cuda and q.shape[1] == 1 and not needs_grad:
+        from kernels.gdn_decode import gdn_decode_step
+
+        batch = q.shape[0]
+        state = state.float().contiguous()
+        slots = torch.arange(batch, device=q.device)
+        o = gdn_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, slots, scale=scale)
+        return o[:, None], state
     if q.is_cuda and fla_available():
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
 
