@@ -54,8 +54,11 @@ def register(subparsers) -> None:
 
 
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True, help="teacher checkpoint directory (Hugging Face format)")
-    p.add_argument("--hybrid", required=True, help="hybrid checkpoint directory (hybrid init / distill output)")
+    p.add_argument("--teacher", required=True,
+                   help="teacher checkpoint directory (Hugging Face format), or smollm2-135m (the cached real one)")
+    p.add_argument("--hybrid", required=True,
+                   help="hybrid checkpoint directory, or ratio:R for an untrained Stage-0 hybrid of the teacher "
+                   "with a fraction R of softmax layers (written under --out; speed and memory only)")
     p.add_argument("--out", type=Path, required=True, help="output directory (results.json, report.md, logs)")
     p.add_argument("--contexts", default="128,512", help="prompt lengths of the load runs, tokens (default 128,512)")
     p.add_argument("--concurrency", default="1,2,4,8", help="concurrent users per load run (default 1,2,4,8)")
@@ -69,9 +72,11 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV/state pool per server, GiB (VLLM_CPU_KVCACHE_SPACE; default 1)")
     p.add_argument("--load-max-model-len", type=int, default=2048, help="--max-model-len of the load servers")
     p.add_argument("--port", type=int, default=18400, help="first loopback port (teacher; hybrid gets port+1)")
+    p.add_argument("--server", default="auto", choices=["auto", "hybrid-serve", "vllm"],
+                   help="hybrid-serve: `hybrid serve --enforce-eager`; vllm: vLLM's OpenAI server module with the "
+                   "same settings (bf16, fp32 GDN state, eager); auto (default): hybrid-serve when installed")
     p.add_argument("--server-cmd", default=None,
-                   help="server command template with {model} {host} {port} {max_model_len} "
-                   "(default: `hybrid serve` if installed, else vLLM's OpenAI server module)")
+                   help="custom server command template with {model} {host} {port} {max_model_len} (overrides --server)")
     p.add_argument("--server-arg", action="append", help="extra argument for every server (repeatable)")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for a server")
     p.add_argument("--skip-load", action="store_true", help="capacity figures only")

@@ -81,7 +81,8 @@ class CompareConfig:
     budget_gib: float = 1.0
     load_max_model_len: int = 2048
     port: int = 18400
-    server_cmd: str | None = None  # template with {model} {host} {port} {max_model_len}
+    server: str = "auto"  # auto | hybrid-serve | vllm
+    server_cmd: str | None = None  # template with {model} {host} {port} {max_model_len}; overrides `server`
     server_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 900.0
     sample_interval_s: float = 1.0
@@ -107,19 +108,28 @@ class CompareConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def default_server_argv(model: str, port: int, max_model_len: int) -> list[str]:
-    """`hybrid serve` when the serving package provides it, else vLLM's OpenAI server module."""
-    try:
-        import importlib.util
+def has_hybrid_serve() -> bool:
+    import importlib.util
 
-        has_serve = importlib.util.find_spec("serve.cli") is not None
+    try:
+        return importlib.util.find_spec("serve.cli") is not None
     except ImportError:
-        has_serve = False
-    if has_serve:
+        return False
+
+
+def default_server_argv(kind: str, model: str, port: int, max_model_len: int, budget_gib: float) -> list[str]:
+    """kind "hybrid-serve": our `hybrid serve`; "vllm": vLLM's OpenAI server module with the same settings
+    (bf16, fp32 GDN state, eager); "auto": the first when the serving package provides it."""
+    if kind == "auto":
+        kind = "hybrid-serve" if has_hybrid_serve() else "vllm"
+    if kind == "hybrid-serve":
         return [sys.executable, "-m", "distill.cli", "serve", model, "--host", LOOPBACK, "--port", str(port),
+                "--max-model-len", str(max_model_len), "--enforce-eager", "--kv-cache-space", f"{budget_gib:g}"]
+    if kind == "vllm":
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "bfloat16",
+                "--mamba-ssm-cache-dtype", "float32", "--enforce-eager", "--host", LOOPBACK, "--port", str(port),
                 "--max-model-len", str(max_model_len)]
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "bfloat16",
-            "--enforce-eager", "--host", LOOPBACK, "--port", str(port), "--max-model-len", str(max_model_len)]
+    raise CompareError(f"--server must be auto, hybrid-serve or vllm; got {kind!r}")
 
 
 def parse_capacity(text: str) -> dict | None:
@@ -158,7 +168,7 @@ class Server:
         if cfg.server_cmd:
             argv = shlex.split(cfg.server_cmd.format(model=model, host=LOOPBACK, port=port, max_model_len=max_model_len))
         else:
-            argv = default_server_argv(model, port, max_model_len)
+            argv = default_server_argv(cfg.server, model, port, max_model_len, cfg.budget_gib)
         self.argv = argv + list(cfg.server_args)
         self.proc: subprocess.Popen | None = None
 
@@ -357,7 +367,8 @@ def load_point(server: Server, cfg: CompareConfig, context: int, users: int) -> 
              server.name, context, users, summary["completed"], summary["errors"], summary["output_tokens_per_s"],
              summary["ttft"]["p50"], summary["tpot"]["p50"] * 1e3)
     return {"model": server.name, "context": context, "concurrency": users, "locust_exit_code": rc,
-            "wall_s": wall, "records": str(records.relative_to(cfg.out)), "summary": summary, "server": server_stats}
+            "wall_s": wall, "records": str(records.relative_to(cfg.out)), "summary": summary, "server": server_stats,
+            "loadavg_1m_after": os.getloadavg()[0]}  # other work on a shared machine shows here
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,7 +429,30 @@ def versions() -> dict[str, str]:
     return out
 
 
+def resolve_models(cfg: CompareConfig) -> None:
+    """Expand the conveniences: --teacher smollm2-135m (the cached real teacher) and --hybrid ratio:R
+    (an untrained Stage-0 hybrid of the teacher with a fraction R of softmax layers, written under --out;
+    enough for speed and memory, whose costs do not depend on trained weights)."""
+    if cfg.teacher == "smollm2-135m":
+        from distill.teacher import smollm2_checkpoint
+
+        cfg.teacher = str(smollm2_checkpoint())
+    if cfg.hybrid.startswith("ratio:"):
+        ratio = cfg.hybrid.split(":", 1)[1]
+        target = cfg.out / f"hybrid-r{ratio}"
+        if not (target / "config.json").is_file():
+            argv = [sys.executable, "-m", "distill.cli", "init", "--teacher", cfg.teacher, "--ratio", ratio,
+                    "--out", str(target)]
+            log.info("writing the Stage-0 hybrid: %s", shlex.join(argv))
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise CompareError(f"hybrid init failed:\n{proc.stderr[-2000:]}")
+        cfg.hybrid = str(target)
+
+
 def run_compare(cfg: CompareConfig) -> dict:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    resolve_models(cfg)
     cfg.check()
     cfg.out.mkdir(parents=True, exist_ok=True)
     models = {"teacher": cfg.teacher, "hybrid": cfg.hybrid}
@@ -507,7 +541,7 @@ def config_from_args(args) -> CompareConfig:
         concurrency=ints(args.concurrency), output_tokens=args.output_tokens,
         requests_per_user=args.requests_per_user, max_run_time_s=args.max_run_time, endpoint=args.endpoint,
         capacity_contexts=ints(args.capacity_contexts), budget_gib=args.budget_gib,
-        load_max_model_len=args.load_max_model_len, port=args.port, server_cmd=args.server_cmd,
+        load_max_model_len=args.load_max_model_len, port=args.port, server=args.server, server_cmd=args.server_cmd,
         server_args=list(args.server_arg or []), startup_timeout_s=args.startup_timeout, skip_load=args.skip_load,
     )
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from bench.report import command_line
 from distill.config import FULL_ATTENTION, LINEAR_ATTENTION, HybridConfig
+from distill.errors import UserError
 
 log = logging.getLogger("bench.decode")
 
@@ -94,7 +95,7 @@ class DecodeBenchConfig:
 
 def teacher_hybrid_configs(cfg: DecodeBenchConfig) -> tuple[HybridConfig, HybridConfig]:
     """(teacher as an all-softmax HybridConfig, hybrid config)."""
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import AutoConfig
 
     from distill.placement import k_from_ratio, layer_types_for, uniform_softmax_layers
     from distill.transfer import hybrid_config_from_teacher
@@ -106,12 +107,11 @@ def teacher_hybrid_configs(cfg: DecodeBenchConfig) -> tuple[HybridConfig, Hybrid
     else:
         path = Path(cfg.teacher)
         if not (path / "config.json").is_file():
-            raise SystemExit(f"--teacher {cfg.teacher}: not a shape preset ({', '.join(SHAPE_PRESETS)}) "
+            raise UserError(f"--teacher {cfg.teacher}: not a shape preset ({', '.join(SHAPE_PRESETS)}) "
                              "nor a checkpoint directory with a config.json")
         teacher_cfg = AutoConfig.from_pretrained(path)
     if isinstance(teacher_cfg, HybridConfig):
-        raise SystemExit("--teacher must be a softmax model, not a hybrid checkpoint")
-    assert isinstance(teacher_cfg, PretrainedConfig)
+        raise UserError("--teacher must be a softmax model, not a hybrid checkpoint")
     num_layers = teacher_cfg.num_hidden_layers
     longest = max(cfg.contexts) + cfg.margin
     teacher = hybrid_config_from_teacher(teacher_cfg, [FULL_ATTENTION] * num_layers)
@@ -528,7 +528,7 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
     device, dtype = cfg.device, getattr(torch, cfg.dtype)
     state_dtype = getattr(torch, cfg.state_dtype)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("bench decode: --device cuda but no CUDA device is visible (pass --device cpu for a smoke run)")
+        raise UserError("bench decode: --device cuda but no CUDA device is visible (pass --device cpu for a smoke run)")
     gdn_step = resolve_gdn_step(cfg.gdn_step, device)
     teacher_cfg, hybrid_cfg = teacher_hybrid_configs(cfg)
     bandwidth = measure_copy_bandwidth(device)
@@ -635,7 +635,7 @@ def run_cli(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     for b in cfg.batches:
         if b != "max" and not b.isdigit():
-            raise SystemExit(f"--batches entries must be integers or 'max', got {b!r}")
+            raise UserError(f"--batches entries must be integers or 'max', got {b!r}")
     result = run_decode_bench(cfg)
     if getattr(args, "note", None):
         result["note"] = args.note
@@ -652,7 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     add_decode_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_cli(args)
+    try:
+        run_cli(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

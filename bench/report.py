@@ -272,8 +272,8 @@ def _capacity_table(result: dict) -> tuple[list[str], list[dict]]:
         by_ctx.setdefault(c["context"], {})[c["model"]] = c
     rows = []
     lines = [
-        "| context | teacher max concurrency | hybrid max concurrency | hybrid / teacher | teacher KV tokens | "
-        "hybrid KV tokens | teacher bytes/seq (vLLM) | hybrid bytes/seq (vLLM) | teacher bytes/seq (formula) | "
+        "| context | teacher max concurrency | hybrid max concurrency | hybrid / teacher | teacher 'KV cache size' tokens | "
+        "hybrid 'KV cache size' tokens | teacher bytes/seq (vLLM) | hybrid bytes/seq (vLLM) | teacher bytes/seq (formula) | "
         "hybrid bytes/seq (formula) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -424,3 +424,17 @@ def test_compare_report_renders_and_cli_rerenders(tmp_path):
     assert main(["bench", "report", str(saved / "results.json")]) == 0
     assert (saved / "report.md").read_text() == text
     assert main(["bench", "report", str(tmp_path / "missing.json")]) == 2
+
+
+def test_decode_cli_errors_are_clear(tmp_path, capsys):
+    import torch
+
+    from distill.cli import main
+
+    assert main(["bench", "decode", "--out", str(tmp_path), "--batches", "1,lots", "--device", "cpu"]) == 2
+    assert "--batches entries must be integers or 'max'" in capsys.readouterr().err
+    assert main(["bench", "decode", "--out", str(tmp_path), "--teacher", str(tmp_path / "nope"), "--device", "cpu"]) == 2
+    assert "not a shape preset" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "decode", "--out", str(tmp_path)]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
