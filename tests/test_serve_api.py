@@ -1,0 +1,304 @@
+"""`hybrid serve` end to end: one real server process (vLLM engine, tiny hybrid, CPU) for the whole
+module, driven over HTTP with the official `openai` client. Traffic goes to 127.0.0.1 only.
+
+Start-up is ~40-80 s on 2 CPU cores (enforce_eager, 1 GiB KV/state pool); the checks take ~30 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytest.importorskip("vllm")
+
+API_KEY = "test-key-123"
+MODEL = "tiny-hybrid"
+MAX_MODEL_LEN = 256
+STARTUP_TIMEOUT_S = 420
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (API server, engine core, worker), SIGKILL what remains."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the engine's children too, even if the leader is gone
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(served_hybrid: Path, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [
+        sys.executable, "-m", "distill.cli", "serve", str(served_hybrid),
+        "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
+        "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
+        "--kv-cache-space", "1", "--enforce-eager",
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        with httpx.Client(trust_env=False) as http:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
+                try:
+                    if http.get(f"{base}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(1)
+        yield {"base": base, "proc": proc, "log": log_path}
+    finally:
+        stop_process_group(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(
+        base_url=server["base"] + "/v1", api_key=API_KEY, http_client=httpx.Client(trust_env=False), max_retries=0
+    ) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server["base"], trust_env=False, timeout=60) as h:
+        yield h
+
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def greedy(client, prompt: str, max_tokens: int, **kw):
+    return client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+# ---- the plain endpoints ----------------------------------------------------------------------------
+def test_health_and_metrics_answer(http):
+    assert http.get("/health").status_code == 200
+    metrics = http.get("/metrics")
+    assert metrics.status_code == 200
+    assert "vllm:num_requests_running" in metrics.text
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_hybrid_endpoint_shows_layout_and_cache_bytes(http, served_hybrid):
+    from distill.config import HybridConfig
+
+    config = HybridConfig.from_pretrained(served_hybrid)
+    body = http.get("/v1/hybrid", headers=AUTH).json()
+    assert body["model"] == MODEL and body["is_hybrid"] and body["architecture"] == "HybridForCausalLM"
+    assert body["layer_types"] == config.layer_types
+    assert body["softmax_layers"] == [1, 3] and body["linear_layers"] == [0, 2]
+    assert body["dtypes"] == {"model": "bfloat16", "kv_cache": "bfloat16", "conv_state": "bfloat16", "recurrent_state": "float32"}
+    # bf16 K and V for 1 KV head x 64 dims in 2 softmax layers; fp32 64x64 state + bf16 conv window in 2 GDN layers
+    assert body["kv_bytes_per_token"] == config.kv_bytes_per_token(2) == 2 * 1 * 64 * 2 * 2
+    assert body["state_bytes_per_sequence"] == config.state_bytes_per_sequence(4, 2)
+    at_max = next(r for r in body["cache_bytes_per_sequence"] if r["context"] == MAX_MODEL_LEN)
+    assert at_max["bytes"] == body["kv_bytes_per_token"] * MAX_MODEL_LEN + body["state_bytes_per_sequence"]
+    assert at_max["all_softmax_bytes"] == 2 * body["kv_bytes_per_token"] * MAX_MODEL_LEN
+    assert body["engine"]["max_model_len"] == MAX_MODEL_LEN and body["engine"]["num_blocks"] > 0
+
+
+# ---- generation -------------------------------------------------------------------------------------
+def test_completion_respects_max_tokens_and_is_deterministic_when_greedy(client):
+    first = greedy(client, "The quick brown fox", 12, extra_body={"ignore_eos": True})
+    again = greedy(client, "The quick brown fox", 12, extra_body={"ignore_eos": True})
+    assert first.usage.completion_tokens == 12 and first.choices[0].finish_reason == "length"
+    assert first.choices[0].text == again.choices[0].text
+    short = greedy(client, "The quick brown fox", 3, extra_body={"ignore_eos": True})
+    assert short.usage.completion_tokens == 3
+
+
+def test_completion_logprobs_and_echo(client):
+    prompt = "A language model predicts"
+    out = greedy(client, prompt, 6, logprobs=3, echo=True, extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    assert choice.text.startswith(prompt)
+    lp = choice.logprobs
+    n_prompt = out.usage.prompt_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == n_prompt + 6
+    assert lp.token_logprobs[0] is None  # nothing to score the first prompt token with
+    assert all(x <= 0.0 for x in lp.token_logprobs[1:])
+    for step, (token, logprob) in enumerate(zip(lp.tokens[n_prompt:], lp.token_logprobs[n_prompt:])):
+        top = lp.top_logprobs[n_prompt + step]
+        assert 1 <= len(top) <= 4  # the 3 best, plus the sampled token if it is not among them
+        # greedy: the pick is at least as likely as every listed alternative (tokens are dict keys, and
+        # distinct ids that decode to the same string, e.g. partial UTF-8 bytes, share one key)
+        assert logprob >= max(top.values()) - 1e-4
+        assert token in top
+
+
+def test_chat_completion(client):
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0.0
+    )
+    assert out.choices[0].message.role == "assistant"
+    assert isinstance(out.choices[0].message.content, str)
+    assert 1 <= out.usage.completion_tokens <= 8
+    assert out.usage.prompt_tokens > 5  # the chat template wrapped the message
+
+
+def test_streaming_matches_the_non_streamed_text(client):
+    prompt = "def add(a, b):"
+    full = greedy(client, prompt, 10, extra_body={"ignore_eos": True}).choices[0].text
+    chunks = list(greedy(client, prompt, 10, stream=True, extra_body={"ignore_eos": True}))
+    assert len(chunks) >= 2
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+
+    chat_chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Count to three."}],
+            max_tokens=8, temperature=0.0, stream=True,
+        )
+    )
+    assert chat_chunks[0].choices[0].delta.role == "assistant"
+    assert chat_chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_n_greater_than_one_returns_n_choices(client):
+    out = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=8, n=3, temperature=1.0, seed=7,
+        extra_body={"ignore_eos": True},
+    )
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    assert out.usage.completion_tokens == 3 * 8
+    assert len({c.text for c in out.choices}) > 1  # sampled, not three copies
+
+
+def test_stop_sequence_cuts_the_text(client):
+    prompt = "Numbers like 12345 and"
+    full = greedy(client, prompt, 24, extra_body={"ignore_eos": True}).choices[0].text
+    # a two-character stop string whose first occurrence is well inside the text
+    start = next(i for i in range(3, len(full) - 2) if full.find(full[i : i + 2]) == i and full[i : i + 2].strip())
+    stop = full[start : start + 2]
+    out = greedy(client, prompt, 24, stop=[stop], extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == full[:start]
+
+
+def test_many_requests_in_flight_at_once(server):
+    """20 streaming requests: all of them have produced a token before the first one finishes, and each
+    gets the text it gets alone (the GDN states of a batch do not leak into each other)."""
+    prompts = [f"Request {i}: the quick brown fox number {i} jumps" for i in range(20)]
+
+    async def run() -> list[dict]:
+        async with openai.AsyncOpenAI(
+            base_url=server["base"] + "/v1", api_key=API_KEY,
+            http_client=httpx.AsyncClient(trust_env=False), max_retries=0,
+        ) as client:
+            async def one(prompt: str) -> dict:
+                stream = await client.completions.create(
+                    model=MODEL, prompt=prompt, max_tokens=24, temperature=0.0, stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+                first, text = None, []
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].text and first is None:
+                        first = time.monotonic()
+                    text += [c.text for c in chunk.choices]
+                return {"first": first, "done": time.monotonic(), "text": "".join(text)}
+
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+    results = asyncio.run(run())
+    assert max(r["first"] for r in results) < min(r["done"] for r in results)
+    with openai.OpenAI(
+        base_url=server["base"] + "/v1", api_key=API_KEY, http_client=httpx.Client(trust_env=False)
+    ) as client:
+        for i in (0, 7, 19):
+            alone = greedy(client, prompts[i], 24, extra_body={"ignore_eos": True}).choices[0].text
+            assert results[i]["text"] == alone
+
+
+# ---- bad input: a 4xx with an OpenAI-style error, and the server keeps serving -------------------------
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert "type" in error and "code" in error
+    return error
+
+
+def test_malformed_json_is_a_400(http):
+    response = http.post(
+        "/v1/completions", headers={**AUTH, "Content-Type": "application/json"},
+        content=b'{"model": "tiny-hybrid", "prompt": "hi", "max_tokens": ',
+    )
+    error = assert_openai_error(response, 400)
+    assert "JSON" in error["message"]
+
+
+def test_unknown_model_is_a_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    assert "no-such-model" in info.value.message
+
+
+def test_negative_max_tokens_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=-1)
+    assert "max_tokens" in info.value.message
+
+
+def test_prompt_longer_than_the_context_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as info:  # as token ids: exactly 300 > 256 tokens
+        client.completions.create(model=MODEL, prompt=[5] * 300, max_tokens=4)
+    assert "context length" in info.value.message
+    with pytest.raises(openai.BadRequestError):  # as text
+        client.completions.create(model=MODEL, prompt="hello world " * 400, max_tokens=4)
+    # a prompt that fits with max_tokens that do not: vLLM 0.32 stops at the context length instead
+    out = client.completions.create(model=MODEL, prompt=[5] * 250, max_tokens=50, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == MAX_MODEL_LEN - 250 and out.choices[0].finish_reason == "length"
+
+
+def test_wrong_or_missing_api_key_is_a_401(server, http):
+    with openai.OpenAI(
+        base_url=server["base"] + "/v1", api_key="wrong-key", http_client=httpx.Client(trust_env=False), max_retries=0
+    ) as bad:
+        with pytest.raises(openai.AuthenticationError) as info:
+            bad.models.list()
+    assert "API key" in info.value.message
+    error = assert_openai_error(http.get("/v1/models"), 401)
+    assert error["code"] == "invalid_api_key"
+    assert assert_openai_error(http.get("/v1/hybrid"), 401)
+    assert http.get("/health").status_code == 200  # health and metrics stay open, as in vLLM
+
+
+def test_server_still_serves_after_bad_requests(client, server):
+    assert server["proc"].poll() is None
+    out = greedy(client, "Still alive?", 4, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 4
+    assert json.loads(out.model_dump_json())["choices"][0]["finish_reason"] == "length"
