@@ -231,22 +231,43 @@ class _StubOpenAI(BaseHTTPRequestHandler):
         self.wfile.write(data)
         self.wfile.flush()
 
+    running = 0  # requests being streamed (served on /metrics)
+
+    def _reply(self, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_GET(self):
         if self.path == "/v1/models":
-            body = json.dumps({"object": "list", "data": [{"id": "stub-model", "object": "model"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self._reply(json.dumps({"object": "list", "data": [{"id": "stub-model", "object": "model"}]}).encode())
+        elif self.path == "/health":
+            self._reply(b"")
+        elif self.path == "/metrics":
+            text = (f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"stub\"}} "
+                    f"{type(self).running}\n# TYPE vllm:kv_cache_usage_perc gauge\n"
+                    f"vllm:kv_cache_usage_perc{{model_name=\"stub\"}} {0.1 * type(self).running}\n")
+            self._reply(text.encode(), "text/plain; version=0.0.4")
         else:
             self.send_error(404)
 
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if req.get("model") != "stub-model" or not req.get("stream"):
+        if req.get("model") != "stub-model":
             self.send_error(400)
             return
+        if not req.get("stream"):
+            self._reply(json.dumps({"choices": [{"index": 0, "text": " w" * req["max_tokens"]}]}).encode())
+            return
+        type(self).running += 1
+        try:
+            self._stream(req)
+        finally:
+            type(self).running -= 1
+
+    def _stream(self, req: dict) -> None:
         chat = self.path == "/v1/chat/completions"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -438,3 +459,62 @@ def test_decode_cli_errors_are_clear(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "decode", "--out", str(tmp_path)]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+# ---- the whole compare runner, against stub servers started as processes ----------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_stub_server(port: int, model: str, max_model_len: int) -> None:
+    """A stand-in for `hybrid serve`: logs a vLLM-style capacity line, then serves the stub API."""
+    per_token = 1 if Path(model).name == "hybrid" else 3  # the "hybrid" holds 3x the sequences
+    concurrency = 600_000 / (max_model_len * per_token)
+    print(f"INFO [kv_cache_utils.py:2327] CPU KV cache size: {int(concurrency * max_model_len):,} tokens, "
+          f"Maximum concurrency for {max_model_len:,} tokens per request: {concurrency:.2f}x", flush=True)
+    ThreadingHTTPServer(("127.0.0.1", port), _ChunkedStub).serve_forever()
+
+
+def test_compare_runner_end_to_end_on_stub_servers(tmp_path):
+    from bench.compare import CompareConfig, run_compare
+    from bench.report import render_compare_report
+
+    models = {}
+    for name in ("teacher", "hybrid"):
+        models[name] = tmp_path / name
+        models[name].mkdir()
+        layer_types = ["full_attention"] * 2 if name == "teacher" else ["linear_attention", "full_attention"]
+        (models[name] / "config.json").write_text(json.dumps({
+            "model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "layer_types": layer_types}))
+    cfg = CompareConfig(
+        teacher=str(models["teacher"]), hybrid=str(models["hybrid"]), out=tmp_path / "out", contexts=[8],
+        concurrency=[1, 2], output_tokens=4, requests_per_user=1, max_run_time_s=60,
+        capacity_contexts=[2048, 8192], port=_free_port(), startup_timeout_s=60, sample_interval_s=0.05,
+        server_cmd=f"{sys.executable} {Path(__file__).resolve()} --stub {{port}} {{model}} {{max_model_len}}",
+    )
+    result = run_compare(cfg)
+    cap = {(c["model"], c["context"]): c["max_concurrency"] for c in result["capacity"]}
+    assert cap == {("teacher", 2048): pytest.approx(97.66), ("hybrid", 2048): pytest.approx(292.97),
+                   ("teacher", 8192): pytest.approx(24.41), ("hybrid", 8192): pytest.approx(73.24)}
+    points = {(p["model"], p["concurrency"]): p for p in result["load"]}
+    assert set(points) == {(m, c) for m in ("teacher", "hybrid") for c in (1, 2)}
+    for (model, users), p in points.items():
+        assert p["summary"]["completed"] == users and p["summary"]["errors"] == 0
+        assert p["summary"]["output_tokens"] == 4 * users
+        assert p["server"]["running_max"] <= users and p["server"]["samples"] > 0
+    assert result["idle_memory"]["teacher"]["rss_bytes"] > 0
+    text = render_compare_report(result, cfg.out)
+    assert "**3.00x**" in text  # capacity ratio at both lengths
+    saved = json.loads((cfg.out / "results.json").read_text())
+    assert len(saved["load"]) == 4 and (cfg.out / "records" / "hybrid_p8_c2.jsonl").exists()
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--stub":
+    run_stub_server(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
