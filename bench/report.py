@@ -394,8 +394,13 @@ def render_compare_report(result: dict, out_dir: Path) -> str:
         lines += ["", "Idle server memory after start-up (process tree): " + "; ".join(
             f"{name} RSS {m.get('rss_bytes', 0) / GiB:.2f} GiB, PSS {m.get('pss_bytes', 0) / GiB:.2f} GiB "
             f"({m.get('processes', '?')} processes)" for name, m in idle.items())]
-    if result.get("hybrid_endpoint"):
-        lines += ["", "GET /v1/hybrid on the hybrid server: `" + json.dumps(result["hybrid_endpoint"])[:600] + "`"]
+    info = result.get("hybrid_endpoint")
+    if info:
+        engine = info.get("engine", {})
+        lines += ["", "The hybrid server's own account (GET /v1/hybrid): "
+                  f"KV {_fmt(info.get('kv_bytes_per_token'), ',')} bytes/token, GDN state "
+                  f"{_fmt(info.get('state_bytes_per_sequence'), ',')} bytes/sequence, dtypes "
+                  f"{json.dumps(info.get('dtypes', {}))}, engine {json.dumps(engine)}."]
     lines += ["", "## Where the hybrid wins and where it does not", "", *compare_verdict(cap_rows, load)]
     for png, title in _plot_compare(result, cap_rows, load, out_dir):
         lines += ["", f"![{title}]({png})"]
