@@ -362,9 +362,10 @@ class PackedData:
     def train_batch(self, indices: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.train[indices].astype(np.int64))
 
-    def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        for start in range(0, len(self.eval), batch_size):
-            yield torch.from_numpy(self.eval[start : start + batch_size].astype(np.int64))
+    def eval_batches(self, batch_size: int, max_blocks: int | None = None) -> Iterator[torch.Tensor]:
+        blocks = self.eval[:max_blocks] if max_blocks else self.eval
+        for start in range(0, len(blocks), batch_size):
+            yield torch.from_numpy(blocks[start : start + batch_size].astype(np.int64))
 
 
 def data_cache_root() -> Path:

@@ -71,7 +71,8 @@ def plot_curves(ranking: Ranking, chosen: list[int], path: Path) -> Path | None:
     return path
 
 
-def plot_losses(logs: dict[str, list[dict]], path: Path) -> Path | None:
+def plot_losses(logs: dict[str, list[dict]], path: Path, start_eval: dict[str, float] | None = None) -> Path | None:
+    """Train loss per stage against tokens; held-out points, with the value before the stage at 0 tokens."""
     stages = [(name, log) for name, log in logs.items() if log]
     if not stages:
         return None
@@ -79,6 +80,8 @@ def plot_losses(logs: dict[str, list[dict]], path: Path) -> Path | None:
     for ax, (name, log) in zip(axes[0], stages):
         ax.plot([r["tokens"] for r in log], [r["loss"] for r in log], lw=1, label="train")
         evals = [(r["tokens"], r[key]) for r in log for key in ("eval_kl", "eval_align") if key in r]
+        if start_eval and start_eval.get(name) is not None:
+            evals.insert(0, (0, start_eval[name]))
         if evals:
             ax.plot(*zip(*evals), "o-", ms=3, label="held-out")
         ax.set_title(name, fontsize=9)
@@ -123,6 +126,7 @@ class ReportInputs:
     kl: dict[str, float]  # label -> held-out KL
     logs: dict[str, list[dict]] = field(default_factory=dict)  # stage name -> training log
     seconds: dict[str, float] = field(default_factory=dict)  # step name -> wall seconds
+    start_eval: dict[str, float] = field(default_factory=dict)  # stage name -> held-out value before it
     command: str = ""
     date: str = ""
     device: str = ""
@@ -134,7 +138,7 @@ def write_report(out_dir: Path, r: ReportInputs) -> Path:
     plots.mkdir(parents=True, exist_ok=True)
     scores_png = plot_scores(r.ranking, r.chosen, plots / "layer_scores.png")
     curves_png = plot_curves(r.ranking, r.chosen, plots / "score_curves.png")
-    losses_png = plot_losses(r.logs, plots / "loss_curves.png")
+    losses_png = plot_losses(r.logs, plots / "loss_curves.png", r.start_eval)
     memory_png = plot_memory(r.config, plots / "memory.png")
     L = r.config.num_hidden_layers
 

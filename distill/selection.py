@@ -10,8 +10,8 @@ Selectors (`hybrid score --selector ...`):
     uniform   no ranking: K evenly spaced layers.
 
 GA-S2 costs L short Stage-2 runs. What is shared between candidates without changing any score:
-  * the training batches and the teacher's final hidden states for them, computed once;
-  * the held-out blocks with the teacher's hidden states, computed once;
+  * the training batches and the teacher's final hidden states for them, computed once per process;
+  * the held-out blocks with the teacher's hidden states, computed once per process;
   * the first curve point (step 0): layers below l are the same all-linear Stage-1 layers in every
     candidate, so their outputs on the held-out blocks are computed once and candidate l runs only
     layers l..L-1;
@@ -128,6 +128,7 @@ def spread_layers(layers: list[int], out_dir: Path, runtime: Runtime, work: Call
 class ScoreConfig:
     candidate: Stage2Config  # the short Stage 2 each candidate runs (candidate.train.save_every is ignored)
     eval_batch: int = 4  # held-out blocks per forward
+    eval_blocks: int = 0  # candidates are scored on the first N held-out blocks (0: all of them)
     recall_samples: int = 32  # ablation selector: synthetic recall prompts
     recall_pairs: int = 16  # ... key/value pairs per prompt
 
@@ -174,7 +175,7 @@ class SharedScoringInputs:
                     h_t = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
                 micro_batches.append((ids, h_t))
             batches.append(micro_batches)
-        eval_set = EvalSet.build(teacher, data, cfg.eval_batch, single)
+        eval_set = EvalSet.build(teacher, data, cfg.eval_batch, single, max_blocks=cfg.eval_blocks or None)
         prefix = []
         for ids in eval_set.ids:
             with runtime.autocast():

@@ -96,8 +96,9 @@ class EvalSet:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, teacher: nn.Module, data: PackedData, batch_size: int, runtime: Runtime) -> EvalSet:
-        blocks = list(data.eval_batches(batch_size))[runtime.rank :: runtime.world]
+    def build(cls, teacher: nn.Module, data: PackedData, batch_size: int, runtime: Runtime,
+              max_blocks: int | None = None) -> EvalSet:
+        blocks = list(data.eval_batches(batch_size, max_blocks))[runtime.rank :: runtime.world]
         ids, hidden = [], []
         for block in blocks:
             block = block.to(runtime.device)

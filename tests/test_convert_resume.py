@@ -1,0 +1,187 @@
+"""`hybrid convert` end to end in real processes: output, report, SIGKILL + rerun, errors before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.tiny_models import save_teacher
+
+LAYERS = 4
+SETTINGS = [
+    "eval_tokens=64", "eval_batch=2",
+    "stage1.seq_len=32", "stage1.steps=30", "stage1.batch=2", "stage1.micro_batch=1", "stage1.save_every=1",
+    "stage1.lr=0.01",
+    "score.candidate.train.seq_len=32", "score.candidate.train.steps=2", "score.candidate.train.lr=0.001",
+    "score.eval_batch=2",
+    "stage2.train.seq_len=32", "stage2.train.steps=40", "stage2.train.save_every=1", "stage2.train.lr=0.001",
+    "stage2.other_lr=0.0001",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    save_teacher(root / "teacher", "llama", num_layers=LAYERS, hidden=48, heads=4, kv_heads=2, seed=5)
+    words = "apple banana cherry grape lemon mango olive peach plum".split()
+    gen = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[i] for i in torch.randint(0, len(words), (60,), generator=gen)) for _ in range(60)]
+    (root / "corpus.md").write_text("\n\n".join(docs))
+    environ = dict(os.environ, OMP_NUM_THREADS="1", HYBRID_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1",
+                   PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return root, environ
+
+
+def command(root: Path, out: Path, data: str | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "distill.cli", "convert", "--teacher", str(root / "teacher"),
+           "--data", data or str(root / "corpus.md"), "--ratio", "0.5", "--out", str(out), "--seed", "7"]
+    for item in SETTINGS:
+        cmd += ["--set", item]
+    return cmd
+
+
+def run(cmd, environ, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=300, **kw)
+
+
+def log_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def kill_when(cmd, environ, log: Path, lines: int) -> None:
+    """Start `cmd`, SIGKILL it as soon as `log` has `lines` records."""
+    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while log_lines(log) < lines:
+        assert proc.poll() is None, "convert ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env):
+    root, environ = env
+    out = root / "straight"
+    result = run(command(root, out), environ)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_output_loads_and_report_lists_every_layer(uninterrupted):
+    out = uninterrupted
+    code = ("import distill, sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); t = AutoTokenizer.from_pretrained({str(out)!r});"
+            "ids = t('apple banana', return_tensors='pt').input_ids;"
+            "print(type(m).__name__, m.config.softmax_layers, m(ids).logits.shape[-1] == len(t))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("HybridForCausalLM") and result.stdout.strip().endswith("True")
+
+    ranking = json.loads((out / "ranking.json").read_text())
+    chosen = sorted(ranking["order"][:2])
+    config = json.loads((out / "config.json").read_text())
+    assert [i for i, t in enumerate(config["layer_types"]) if t == "full_attention"] == chosen
+    report = (out / "report.md").read_text()
+    for layer in range(LAYERS):
+        score = ranking["scores"][str(layer)]
+        row = f"| {layer} | {score:.5f} | {ranking['order'].index(layer) + 1} | {'yes' if layer in chosen else ''} |"
+        assert row in report
+    assert f"`{chosen}`" in report
+    for png in ("layer_scores.png", "score_curves.png", "loss_curves.png", "memory.png"):
+        assert (out / "plots" / png).stat().st_size > 1000
+        assert f"plots/{png}" in report
+    kl = json.loads((out / "metrics.json").read_text())["kl"]
+    assert kl["stage 0 (chosen layers softmax)"] > kl["stage 1 (chosen layers softmax)"] > kl["stage 2"]
+    assert config["provenance"]["stages"] == ["stage0_transfer", "stage1_align", "stage2_distill"]
+
+
+def test_sigkill_and_rerun_gives_the_same_weights(env, uninterrupted):
+    root, environ = env
+    out = root / "killed"
+    work = root / "killed.work"
+    cmd = command(root, out)
+    kill_when(cmd, environ, work / "stage1" / "log.jsonl", 4)  # killed in Stage 1
+    assert not (work / "stage1" / "model").exists() and (work / "stage1" / "ckpt.pt").is_file()
+    kill_when(cmd, environ, work / "stage2" / "log.jsonl", 5)  # rerun, killed in Stage 2
+    assert not (work / "stage2" / "model").exists() and (work / "stage2" / "ckpt.pt").is_file()
+    assert not out.exists()
+    result = run(cmd, environ)  # rerun to the end
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    expected = load_file(uninterrupted / "model.safetensors")
+    got = load_file(out / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    ranked, expected_ranking = (json.loads((d / "ranking.json").read_text()) for d in (out, uninterrupted))
+    for key in ("order", "scores", "curves"):  # (details hold wall times, which differ)
+        assert ranked[key] == expected_ranking[key]
+    steps = [json.loads(line)["step"] for line in (out / "logs" / "stage2.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))  # the log has each step once, however often it was killed
+
+
+def test_bad_data_fails_before_training(env, tmp_path, monkeypatch, capsys):
+    from distill.cli import main
+
+    root, environ = env
+    monkeypatch.setenv("HYBRID_CACHE", environ["HYBRID_CACHE"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "out"
+    assert main(command(root, out, data=str(empty))[3:]) == 2
+    err = capsys.readouterr().err
+    assert "error: --data" in err and "need at least" in err
+    assert not (tmp_path / "out.work" / "stage1").exists() and not out.exists()
+
+    assert main(command(root, out, data=str(tmp_path / "nope.jsonl"))[3:]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_rerun_with_other_settings_is_refused(env, uninterrupted, tmp_path, monkeypatch, capsys):
+    from distill.cli import main
+
+    root, environ = env
+    monkeypatch.setenv("HYBRID_CACHE", environ["HYBRID_CACHE"])
+    cmd = command(root, tmp_path / "new") + ["--work-dir", str(root / "straight.work"), "--set", "stage1.lr=0.02"]
+    assert main(cmd[3:]) == 2
+    assert "belongs to another run: preset" in capsys.readouterr().err
+
+
+def test_stage_subcommands_chain(env, tmp_path, monkeypatch):
+    """align -> score (ga-s1) -> distill (top of the ranking) -> finetune, in-process through the CLI."""
+    from distill.cli import main
+
+    root, environ = env
+    monkeypatch.setenv("HYBRID_CACHE", environ["HYBRID_CACHE"])
+    torch.set_num_threads(1)
+    common = ["--teacher", str(root / "teacher"), "--data", str(root / "corpus.md")]
+    small = ["--set", "eval_tokens=64", "--set", "stage1.seq_len=32", "--set", "stage1.steps=3",
+             "--set", "stage2.train.seq_len=32", "--set", "stage2.train.steps=2", "--set", "stage3.seq_len=32",
+             "--set", "score.candidate.train.seq_len=32"]
+    assert main(["align", *common, *small, "--out", str(tmp_path / "s1")]) == 0
+    assert main(["score", *common, *small, "--stage1", str(tmp_path / "s1"), "--selector", "ga-s1", "--k", "1",
+                 "--out", str(tmp_path / "rank")]) == 0
+    ranking = json.loads((tmp_path / "rank" / "ranking.json").read_text())
+    assert ranking["selector"] == "ga-s1" and (tmp_path / "rank" / "layer_scores.png").is_file()
+    assert main(["distill", *common, *small, "--stage1", str(tmp_path / "s1"), "--ranking", str(tmp_path / "rank"),
+                 "--k", "1", "--out", str(tmp_path / "s2")]) == 0
+    config = json.loads((tmp_path / "s2" / "config.json").read_text())
+    assert [i for i, t in enumerate(config["layer_types"]) if t == "full_attention"] == ranking["order"][:1]
+    assert main(["finetune", "--model", str(tmp_path / "s2"), "--data", str(root / "corpus.md"), *small,
+                 "--steps", "2", "--out", str(tmp_path / "s3")]) == 0
+    log = [json.loads(x) for x in (tmp_path / "s3" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    # a missing --stage1 for a selector that needs it is a user error (exit 2), not a traceback
+    assert main(["score", *common, "--selector", "ga-s2", "--out", str(tmp_path / "x")]) == 2

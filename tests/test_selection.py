@@ -1,0 +1,158 @@
+"""Layer selection: GA-S2 is deterministic and uses shared inputs exactly; baselines; rankings give prefixes."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from distill.config import LINEAR_ATTENTION
+from distill.data import DataSpec, prepare_data
+from distill.distributed import Runtime
+from distill.placement import uniform_softmax_layers
+from distill.selection import (
+    Ranking,
+    ScoreConfig,
+    ranking_from_scores,
+    recall_accuracy,
+    recall_task,
+    recall_vocabulary,
+    score_ablation,
+    score_ga_s1,
+    score_ga_s2,
+    uniform_ranking,
+)
+from distill.stages import EvalSet, Stage2Config, heldout_kl, restore_softmax, run_stage1
+from distill.train import TrainConfig
+from distill.transfer import hybrid_from_teacher
+from tests.tiny_models import make_teacher
+
+CPU = Runtime()
+SEQ = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("selection")
+    teacher, tok = make_teacher("llama", num_layers=4, hidden=48, heads=4, kv_heads=2, seed=3)
+    words = "north south east west up down left right in out on off".split()
+    gen = torch.Generator().manual_seed(1)
+    docs = [" ".join(words[i] for i in torch.randint(0, len(words), (70,), generator=gen)) for _ in range(50)]
+    (tmp / "corpus.txt").write_text("\n\n".join(docs))
+    data = prepare_data(DataSpec((str(tmp / "corpus.txt"),), SEQ, 4 * SEQ), tok, tmp / "cache")
+    stage1 = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * 4, seed=0)
+    run_stage1(teacher, stage1, data, TrainConfig(steps=4, seq_len=SEQ, batch=2, micro_batch=2, lr=1e-2, save_every=100),
+               tmp / "s1", CPU)
+    return teacher, tok, data, stage1
+
+
+def score_cfg(steps=3, eval_every=0) -> ScoreConfig:
+    train = TrainConfig(steps=steps, seq_len=SEQ, batch=2, micro_batch=1, lr=1e-3, schedule="constant", eval_every=eval_every)
+    return ScoreConfig(Stage2Config(train, other_lr=1e-4), eval_batch=2, recall_samples=8, recall_pairs=6)
+
+
+def test_ga_s2_ranking_is_the_same_run_to_run(setup, tmp_path):
+    teacher, _, data, stage1 = setup
+    first = score_ga_s2(teacher, stage1, data, score_cfg(eval_every=1), tmp_path / "a", CPU)
+    second = score_ga_s2(teacher, stage1, data, score_cfg(eval_every=1), tmp_path / "b", CPU)
+    assert first.order == second.order and sorted(first.order) == [0, 1, 2, 3]
+    assert first.scores == second.scores  # bit-identical: same data, same order, same seeds
+    assert all(len(c) == 4 for c in first.curves.values())  # step 0 + one point per step
+    # lower held-out KL = more important, so the order sorts the scores ascending
+    assert [first.scores[i] for i in first.order] == sorted(first.scores.values())
+    # the stage-1 model the candidates start from is not modified
+    assert stage1.config.softmax_layers == []
+
+
+def test_ga_s2_scores_are_what_a_separate_stage2_run_reaches(setup, tmp_path):
+    """The shared teacher outputs and the step-0 prefix shortcut change no number."""
+    teacher, _, data, stage1 = setup
+    cfg = score_cfg(steps=2)
+    ranking = score_ga_s2(teacher, stage1, data, cfg, tmp_path / "score", CPU, layers=[2])
+    eval_set = EvalSet.build(teacher, data, 2, CPU)
+    candidate = restore_softmax(stage1, teacher, [2])
+    kl0 = heldout_kl(candidate, eval_set, CPU)
+    assert ranking.curves[2][0][1] == pytest.approx(kl0, rel=1e-5)
+    from distill.stages import run_stage2
+
+    log = run_stage2(teacher, candidate, data, replace(cfg.candidate, train=replace(cfg.candidate.train, save_every=0)),
+                     tmp_path / "separate", CPU, eval_set)
+    assert ranking.scores[2] == pytest.approx(log[-1]["eval_kl"], rel=1e-5)
+
+
+def test_ga_s2_skips_finished_candidates_on_rerun(setup, tmp_path, monkeypatch):
+    teacher, _, data, stage1 = setup
+    first = score_ga_s2(teacher, stage1, data, score_cfg(steps=1), tmp_path, CPU)
+    import distill.selection as selection
+
+    monkeypatch.setattr(selection, "run_stage2", lambda *a, **k: pytest.fail("a finished candidate ran again"))
+    again = score_ga_s2(teacher, stage1, data, score_cfg(steps=1), tmp_path, CPU)
+    assert again.scores == first.scores
+
+
+def test_rankings_give_prefixes_and_round_trip(tmp_path):
+    ranking = ranking_from_scores("ga-s2", {0: 0.5, 1: 0.2, 2: 0.9, 3: 0.2, 4: 0.1}, True, "kl")
+    assert ranking.order == [4, 1, 3, 0, 2]  # ties broken by layer index
+    chosen = [ranking.choose(k) for k in range(6)]
+    assert chosen[2] == [1, 4] and all(set(chosen[k]) <= set(chosen[k + 1]) for k in range(5))
+    ranking.save(tmp_path / "r.json")
+    assert Ranking.load(tmp_path / "r.json") == ranking
+    higher = ranking_from_scores("ga-s1", {0: 0.5, 1: 0.2, 2: 0.9}, False, "align")
+    assert higher.order == [2, 0, 1]
+    assert uniform_ranking(30).choose(8) == uniform_softmax_layers(30, 8)
+
+
+def test_ga_s1_ranks_by_heldout_alignment_loss(setup):
+    teacher, _, data, stage1 = setup
+    ranking = score_ga_s1(teacher, stage1, EvalSet.build(teacher, data, 2, CPU), CPU)
+    assert sorted(ranking.order) == [0, 1, 2, 3] and all(v > 0 for v in ranking.scores.values())
+    assert [ranking.scores[i] for i in ranking.order] == sorted(ranking.scores.values(), reverse=True)
+
+
+def test_recall_task_layout():
+    ids, positions, answers = recall_task(list(range(100, 200)), samples=3, pairs=5, seed=0)
+    assert ids.shape == (3, 20) and positions.shape == answers.shape == (3, 5)
+    for row, pos, ans in zip(ids, positions, answers):
+        pairs = dict(zip(row[:10:2].tolist(), row[1:10:2].tolist()))
+        assert len(pairs) == 5
+        for p, a in zip(pos.tolist(), ans.tolist()):
+            assert row[p].item() in pairs and pairs[row[p].item()] == a == row[p + 1].item()
+
+
+def test_recall_accuracy_of_a_model_that_copies_is_one():
+    """An oracle that looks back for the current token and predicts what followed it scores 1."""
+    ids, positions, answers = recall_task(list(range(10, 60)), samples=4, pairs=6)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, input_ids, **_):
+            logits = torch.zeros(*input_ids.shape, 64)
+            for b, row in enumerate(input_ids.tolist()):
+                for t, tok in enumerate(row):
+                    if tok in row[:t]:
+                        logits[b, t, row[row.index(tok) + 1]] = 10.0
+            return type("Out", (), {"logits": logits})()
+
+    acc, logprob = recall_accuracy(Oracle(), ids, positions, answers, CPU)
+    assert acc == 1.0 and logprob > -0.01
+
+
+def test_ablation_ranks_every_layer(setup, tmp_path):
+    teacher, tok, _, _ = setup
+    before = copy.deepcopy(teacher.state_dict())
+    ranking = score_ablation(teacher, tok, score_cfg(), tmp_path, CPU)
+    assert sorted(ranking.order) == [0, 1, 2, 3] and not ranking.lower_is_more_important
+    # zeroing a layer's attention changes the answers' log-probability (the tie-break signal)
+    assert any(abs(v) > 1e-6 for v in ranking.details["logprob_drop"].values())
+    assert len(recall_vocabulary(tok)) >= 64
+    # the hooks are gone: the teacher computes what it computed before
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())

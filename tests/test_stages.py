@@ -1,0 +1,191 @@
+"""Stages 1-3 and the training loop on tiny random teachers (real components, a few steps each)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from distill.config import LINEAR_ATTENTION
+from distill.data import DataSpec, prepare_data
+from distill.distributed import Runtime
+from distill.placement import layer_types_for
+from distill.selection import forward_from_layer
+from distill.stages import (
+    EvalSet,
+    Stage2Config,
+    alignment_loss,
+    capture_attention,
+    heldout_kl,
+    restore_softmax,
+    run_stage1,
+    run_stage2,
+    run_stage3,
+    stage2_param_groups,
+)
+from distill.train import TrainConfig, lr_factor, read_log, train
+from distill.transfer import hybrid_from_teacher
+from tests.tiny_models import make_teacher
+
+CPU = Runtime()
+SEQ = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on shared cores: one thread avoids OpenMP spinning (100x slower under contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stages")
+    teacher, tok = make_teacher("qwen2", num_layers=3, hidden=64, heads=4, kv_heads=2, seed=1)
+    words = "one two three four five six seven eight nine ten red green blue cat dog fox".split()
+    gen = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[i] for i in torch.randint(0, len(words), (80,), generator=gen)) for _ in range(60)]
+    (tmp / "corpus.txt").write_text("\n\n".join(docs))
+    data = prepare_data(DataSpec((str(tmp / "corpus.txt"),), SEQ, 4 * SEQ), tok, tmp / "cache")
+    eval_set = EvalSet.build(teacher, data, 2, CPU)
+    return teacher, tok, data, eval_set
+
+
+def all_linear(teacher, seed=0):
+    return hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * teacher.config.num_hidden_layers, seed=seed)
+
+
+def test_capture_attention_taps_each_blocks_input_and_output(setup):
+    teacher, _, data, _ = setup
+    ids = data.train_batch([0, 1])
+    taps = capture_attention(teacher, ids)
+    assert len(taps) == 3
+    layer0 = teacher.model.layers[0]
+    x0 = layer0.input_layernorm(teacher.model.embed_tokens(ids))
+    torch.testing.assert_close(taps[0][0], x0)
+    # the tapped output is what the block computes from the tapped input
+    pos = torch.arange(SEQ)[None]
+    pe = teacher.model.rotary_emb(x0, pos)
+    mask = torch.full((SEQ, SEQ), float("-inf")).triu(1)[None, None]
+    for i, (x, y) in enumerate(taps):
+        out, _ = teacher.model.layers[i].self_attn(hidden_states=x, position_embeddings=pe, attention_mask=mask)
+        torch.testing.assert_close(out, y, atol=1e-5, rtol=1e-4)
+
+
+def test_restoring_every_layer_gives_back_the_teacher(setup):
+    teacher, _, data, eval_set = setup
+    hybrid = restore_softmax(all_linear(teacher), teacher, [0, 1, 2])
+    ids = data.train_batch([0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(hybrid(ids, use_cache=False).logits, teacher(ids).logits, atol=1e-5, rtol=1e-5)
+    assert heldout_kl(hybrid, eval_set, CPU) < 1e-6
+    assert hybrid.config.softmax_layers == [0, 1, 2]
+
+
+def test_forward_from_layer_matches_the_full_forward(setup):
+    teacher, _, data, _ = setup
+    hybrid = restore_softmax(all_linear(teacher), teacher, [1])
+    ids = data.train_batch([2, 3])
+    with torch.no_grad():
+        out = hybrid.model(ids, use_cache=False, output_hidden_states=True)
+        for start in range(3):
+            torch.testing.assert_close(forward_from_layer(hybrid, out.hidden_states[start], start),
+                                       out.last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_stage1_trains_only_mixers_and_lowers_alignment_loss(setup, tmp_path):
+    teacher, _, data, eval_set = setup
+    student = all_linear(teacher)
+    before = copy.deepcopy(student.state_dict())
+    cfg = TrainConfig(steps=12, seq_len=SEQ, batch=2, micro_batch=1, lr=3e-3, save_every=100)
+    log = run_stage1(teacher, student, data, cfg, tmp_path, CPU, eval_set)
+    assert len(log) == 12 and "eval_align_layers" in log[-1]
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".linear_attn." in k for k in changed)
+    assert not any(".mlp." in k or "embed" in k or "norm.weight" == k.split("layers.")[-1] for k in changed)
+    assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])
+
+
+def test_kl_falls_from_stage0_to_stage1_to_stage2(setup, tmp_path):
+    teacher, _, data, eval_set = setup
+    stage0 = all_linear(teacher)
+    stage1 = copy.deepcopy(stage0)
+    run_stage1(teacher, stage1, data, TrainConfig(steps=15, seq_len=SEQ, batch=2, micro_batch=2, lr=1e-2, save_every=100),
+               tmp_path / "s1", CPU)
+    chosen = [1]
+    kl0 = heldout_kl(restore_softmax(stage0, teacher, chosen), eval_set, CPU)
+    hybrid = restore_softmax(stage1, teacher, chosen)
+    kl1 = heldout_kl(hybrid, eval_set, CPU)
+    cfg = Stage2Config(TrainConfig(steps=15, seq_len=SEQ, batch=2, micro_batch=2, lr=1e-3, schedule="constant",
+                                   save_every=100), other_lr=1e-4)
+    log = run_stage2(teacher, hybrid, data, cfg, tmp_path / "s2", CPU, eval_set)
+    kl2 = log[-1]["eval_kl"]
+    assert kl2 == pytest.approx(heldout_kl(hybrid, eval_set, CPU), rel=1e-6)
+    assert kl0 > 1.1 * kl1 > 0 and kl1 > 1.1 * kl2 > 0, (kl0, kl1, kl2)
+
+
+def test_stage2_lr_groups():
+    teacher, _ = make_teacher("llama", num_layers=2, hidden=32, heads=2, kv_heads=1)
+    hybrid = restore_softmax(all_linear(teacher), teacher, [0])
+    mixers, other = stage2_param_groups(hybrid, 1e-4, 7e-6)
+    names = {id(p): n for n, p in hybrid.named_parameters()}
+    assert {g["lr"] for g in (mixers, other)} == {1e-4, 7e-6}
+    assert any(".self_attn." in names[id(p)] for p in mixers["params"])
+    assert any(".linear_attn." in names[id(p)] for p in mixers["params"])
+    assert all(".mlp." in names[id(p)] or "norm" in names[id(p)] or "embed" in names[id(p)] for p in other["params"])
+    assert len(mixers["params"]) + len(other["params"]) == len(list(hybrid.parameters()))
+
+
+def test_stage3_cross_entropy_runs_and_improves(setup, tmp_path):
+    teacher, _, data, eval_set = setup
+    hybrid = restore_softmax(all_linear(teacher), teacher, [0])
+    log = run_stage3(hybrid, data, TrainConfig(steps=10, seq_len=SEQ, batch=2, micro_batch=2, lr=3e-3, save_every=100),
+                     tmp_path, CPU, eval_set)
+    assert log[-1]["loss"] < log[0]["loss"] and "eval_kl" in log[-1]
+
+
+def test_cosine_schedule_endpoints():
+    cfg = TrainConfig(steps=101, lr=1.0, warmup_steps=0, min_lr_ratio=0.1)
+    assert lr_factor(cfg, 0) == pytest.approx(1.0)
+    assert lr_factor(cfg, 100) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(100 / 101 * torch.pi)).item()))
+    assert lr_factor(TrainConfig(steps=10, warmup_steps=4), 1) == pytest.approx(0.5)
+    assert lr_factor(TrainConfig(steps=10, schedule="constant"), 9) == 1.0
+
+
+def test_training_loop_resumes_to_identical_weights(tmp_path):
+    """3 steps + resume for 3 more (a fresh model and optimiser, as after a restart) == 6 straight steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    data = torch.randn(6, 4, 8)
+
+    def run(steps: int, work, init_state):
+        m = copy.deepcopy(model)
+        m.load_state_dict(init_state)
+        cfg = TrainConfig(steps=6, seq_len=1, batch=4, micro_batch=2, lr=1e-2, save_every=1)
+
+        def loss_fn(x):
+            return m(x).pow(2).mean() + 1e-3 * torch.randn(()), {}  # uses the RNG: resume must restore it
+
+        def get_batch(step, micro):
+            if step >= steps:
+                raise KeyboardInterrupt  # "killed" before this step
+            return data[step, 2 * micro : 2 * micro + 2]
+
+        try:
+            train("t", m, [{"params": list(m.parameters()), "lr": 1e-2}], loss_fn, get_batch, cfg, work, CPU,
+                  show_progress=False)
+        except KeyboardInterrupt:
+            pass
+        return m
+
+    init = copy.deepcopy(model.state_dict())
+    straight = run(6, tmp_path / "a", init)
+    run(3, tmp_path / "b", init)
+    assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3]
+    resumed = run(6, tmp_path / "b", init)
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
