@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import lzma
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -300,6 +299,8 @@ def tokenize_documents(
         nonlocal total
         ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
         for text, doc in zip(batch, ids):
+            if max_tokens is not None and total >= max_tokens:
+                break  # the rest of the batch is not needed
             out.append((hashlib.blake2b(text.encode(), digest_size=16).digest(), np.asarray(doc + [eos], dtype=dtype)))
             total += len(doc) + 1
             bar.update(len(doc) + 1)

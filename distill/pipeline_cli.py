@@ -5,6 +5,7 @@
     hybrid score    --teacher T --stage1 DIR --selector S --out DIR             rank the layers
     hybrid distill  --teacher T --stage1 DIR (--ranking F (--ratio|--k) | --softmax-layers L) --out DIR
     hybrid finetune --model DIR [--teacher T] --out DIR --steps N               Stage 3 (cross-entropy)
+    hybrid presets  [demo|small|paper]                                           the budgets; --set KEY=VALUE edits them
 
 Every command keeps its resumable state in OUT.work (or --work-dir): rerun the same command after a
 crash and it continues. Under `torchrun --nproc_per_node N -m distill.cli ...` the stages run
@@ -50,6 +51,10 @@ def register(subparsers) -> None:
     p.add_argument("--selector", default="ga-s2", help="ga-s2 (KL-guided, default) | ga-s1 | ablation | uniform")
     p.add_argument("--out", required=True, type=Path, help="output directory: HF checkpoint + report.md")
     p.set_defaults(func=run_convert)
+
+    p = subparsers.add_parser("presets", help="print a budget preset's settings (the names --set takes)")
+    p.add_argument("name", nargs="?", default="demo", help="demo | small | paper")
+    p.set_defaults(func=run_presets)
 
     p = subparsers.add_parser("align", help="Stage 0 + Stage 1: all-linear student aligned to the teacher's attention")
     _common(p)
@@ -121,6 +126,12 @@ def _finish(runtime) -> None:
     from distill.distributed import shutdown
 
     shutdown(runtime)
+
+
+def run_presets(args) -> None:
+    from distill.pipeline import get_preset
+
+    print(json.dumps(_asdict(get_preset(args.name)), indent=2))
 
 
 def run_convert(args) -> None:

@@ -204,3 +204,17 @@ def test_block_order_is_a_function_of_the_step(tmp_path, tok, cache):
     two_procs = torch.cat([batch_for_step(data, order, 3, 0, 2, 1, rank=r, world=2) for r in range(2)])
     one_proc = torch.cat([batch_for_step(data, order, 3, m, 2, 2) for m in range(2)])
     assert torch.equal(two_procs, one_proc)
+
+
+def test_streamed_dataset_through_datasets(tmp_path, tok, cache):
+    """The Hugging Face path, offline: `hf:` + a local dataset folder, read as a stream up to max_tokens."""
+    pytest.importorskip("datasets")
+    folder = tmp_path / "hub_like"
+    folder.mkdir()
+    docs = random_docs(200, seed=8)
+    (folder / "train.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs))
+    data = prepare_data(spec(f"hf:{folder}@train", text_field="content", max_tokens=3000), tok, cache)
+    assert 3000 <= data.meta["tokens"] < 3000 + 250  # stopped at the document that crossed max_tokens
+    assert data.meta["documents"] < 200 and data.meta["sources"][0]["kind"] == "hf"
+    with pytest.raises(UserError, match="expected a JSON object with a 'text' field"):
+        prepare_data(spec(f"hf:{folder}"), tok, cache)

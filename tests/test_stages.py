@@ -10,12 +10,10 @@ import torch
 from distill.config import LINEAR_ATTENTION
 from distill.data import DataSpec, prepare_data
 from distill.distributed import Runtime
-from distill.placement import layer_types_for
 from distill.selection import forward_from_layer
 from distill.stages import (
     EvalSet,
     Stage2Config,
-    alignment_loss,
     capture_attention,
     heldout_kl,
     restore_softmax,
