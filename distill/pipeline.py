@@ -15,6 +15,7 @@ is written once, atomically, at the end: the HF checkpoint, report.md with plots
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -310,16 +311,12 @@ class Session:
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def _timed(session: Session, name: str):
-    class Timer:
-        def __enter__(self):
-            self.t0 = time.perf_counter()
-
-        def __exit__(self, *exc):
-            if exc[0] is None:
-                session.record("seconds", name, time.perf_counter() - self.t0)
-
-    return Timer()
+    """Record the wall time of a step that completes (not of one that raises)."""
+    t0 = time.perf_counter()
+    yield
+    session.record("seconds", name, time.perf_counter() - t0)
 
 
 def step_stage1(s: Session) -> HybridForCausalLM:
