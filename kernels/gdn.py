@@ -152,6 +152,14 @@ def fla_available() -> bool:
     return True
 
 
+@functools.cache
+def _fla_backward_blocked() -> bool:
+    import triton
+    from packaging.version import Version
+
+    return torch.cuda.get_device_capability()[0] >= 9 and Version(triton.__version__) < Version("3.7.1")
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -161,8 +169,13 @@ def chunk_gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill / training: fla's chunked Triton kernel on CUDA, the torch chunked form elsewhere."""
-    if q.is_cuda and fla_available():
+    """Prefill / training: fla's chunked Triton kernel on CUDA, the torch chunked form elsewhere.
+
+    fla 0.6.0 refuses its chunk backward on Hopper with triton < 3.7.1, so training there takes the
+    torch path (slow but correct) until a newer triton is installed."""
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta))
+    if q.is_cuda and fla_available() and not (needs_grad and _fla_backward_blocked()):
+        q, k, beta = q.to(v.dtype), k.to(v.dtype), beta.to(v.dtype)  # l2norm under autocast yields fp32
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
         return fla_chunk(
