@@ -338,14 +338,15 @@ def serve(opts: ServeOptions) -> None:
     device = configure_environment(opts)
     if isinstance(model, Path):
         config = inspect_checkpoint(model)
+        has_gdn = "linear_attention" in (config.get("layer_types") or [])
         if device == "cpu":
             check_cpu_support(config)
-            if opts.dtype != "bfloat16" and "linear_attention" in (config.get("layer_types") or []):
+            if has_gdn and opts.dtype != "bfloat16":
                 raise UserError(f"--dtype {opts.dtype}: vLLM's CPU GDN kernel requires bfloat16")
         limit = config.get("max_position_embeddings")
         if opts.max_model_len and limit and opts.max_model_len > limit:
             raise UserError(f"--max-model-len {opts.max_model_len} exceeds the checkpoint's max_position_embeddings {limit}")
-        if "linear_attention" in (config.get("layer_types") or []):
+        if has_gdn:
             opts.vllm_args = ["--mamba-ssm-cache-dtype", opts.mamba_ssm_cache_dtype, *opts.vllm_args]
     args = parse_vllm_args(vllm_argv(opts, str(model)))
     if opts.api_key:
