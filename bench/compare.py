@@ -28,7 +28,6 @@ import os
 import platform
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ import requests
 
 from bench.metrics import read_records, summarize
 from bench.report import command_line
+from serve.launch import stop_process_group
 
 log = logging.getLogger("bench.compare")
 
@@ -223,18 +223,8 @@ class Server:
         raise CompareError(f"{self.name}: /health not ready within {self.cfg.startup_timeout_s:.0f} s")
 
     def stop(self) -> None:
-        """SIGTERM to the server's own process group (it was started in a new session), then SIGKILL."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        pgid = self.proc.pid  # start_new_session=True: the group id is the server's pid
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
+        if self.proc is not None:
+            stop_process_group(self.proc)
 
     def metrics(self) -> dict[str, float]:
         resp = requests.get(f"{self.url}/metrics", timeout=10)

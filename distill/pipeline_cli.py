@@ -153,8 +153,19 @@ def run_convert(args) -> None:
     _finish(runtime)
 
 
-def run_align(args) -> None:
+def _save_stage_output(s, model, out: Path, stage: str, with_metrics: bool = True) -> None:
+    """The stage's model, the teacher's tokenizer, its training log and (optionally) metrics, atomically."""
     from distill.checkpoint import atomic_directory
+
+    with atomic_directory(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        s.tokenizer.save_pretrained(tmp)
+        shutil.copy(s.work_dir / stage / "log.jsonl", tmp / "log.jsonl")
+        if with_metrics:
+            (tmp / "metrics.json").write_text(json.dumps(s.metrics(), indent=2))
+
+
+def run_align(args) -> None:
     from distill.pipeline import step_stage1
 
     _check_out(args)
@@ -163,11 +174,7 @@ def run_align(args) -> None:
     s.start(identity)
     model = step_stage1(s)
     if runtime.is_main:
-        with atomic_directory(args.out, overwrite=True) as tmp:
-            model.save_pretrained(tmp)
-            s.tokenizer.save_pretrained(tmp)
-            shutil.copy(s.work_dir / "stage1" / "log.jsonl", tmp / "log.jsonl")
-            (tmp / "metrics.json").write_text(json.dumps(s.metrics(), indent=2))
+        _save_stage_output(s, model, args.out, "stage1")
         print(f"wrote {args.out}: all-linear Stage-1 hybrid; held-out KL {s.metrics()['kl']}")
     _finish(runtime)
 
@@ -216,13 +223,7 @@ def run_distill(args) -> None:
         chosen = ranking.choose(args.k if args.k is not None else k_from_ratio(args.ratio, L))
     model = step_stage2(s, stage1, chosen, ranking)
     if runtime.is_main:
-        from distill.checkpoint import atomic_directory
-
-        with atomic_directory(args.out, overwrite=True) as tmp:
-            model.save_pretrained(tmp)
-            s.tokenizer.save_pretrained(tmp)
-            shutil.copy(s.work_dir / "stage2" / "log.jsonl", tmp / "log.jsonl")
-            (tmp / "metrics.json").write_text(json.dumps(s.metrics(), indent=2))
+        _save_stage_output(s, model, args.out, "stage2")
         print(f"wrote {args.out}: softmax layers {chosen}; held-out KL {s.metrics()['kl']}")
     _finish(runtime)
 
@@ -230,7 +231,6 @@ def run_distill(args) -> None:
 def run_finetune(args) -> None:
     from transformers import AutoTokenizer
 
-    from distill.checkpoint import atomic_directory
     from distill.pipeline import load_hybrid, step_stage3
 
     _check_out(args)
@@ -249,9 +249,6 @@ def run_finetune(args) -> None:
         s.data(s.preset.stage3.seq_len)
     model = step_stage3(s, model)
     if runtime.is_main:
-        with atomic_directory(args.out, overwrite=True) as tmp:
-            model.save_pretrained(tmp)
-            s.tokenizer.save_pretrained(tmp)
-            shutil.copy(s.work_dir / "stage3" / "log.jsonl", tmp / "log.jsonl")
+        _save_stage_output(s, model, args.out, "stage3", with_metrics=False)
         print(f"wrote {args.out}")
     _finish(runtime)

@@ -14,20 +14,13 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve.launch import free_port, spawn_server, stop_process_group, wait_healthy
 
 
 def group_memory(pgid: int) -> dict:
@@ -65,25 +58,12 @@ def main() -> int:
         "--kv-cache-space", f"{args.kv_cache_space:g}",
     ] + (["--enforce-eager"] if args.enforce_eager else [])
     load_before = os.getloadavg()[0]
-    started = time.monotonic()
-    with open(args.log, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawn_server(cmd, args.log)
     base = f"http://127.0.0.1:{port}"
     result: dict = {"command": " ".join(["hybrid", *cmd[3:]]), "checkpoint": args.checkpoint}
     try:
         with httpx.Client(base_url=base, trust_env=False, timeout=300) as http:
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"server exited with {proc.returncode}; see {args.log}")
-                if time.monotonic() - started > args.timeout:
-                    raise SystemExit(f"server not healthy after {args.timeout} s; see {args.log}")
-                try:
-                    if http.get("/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.5)
-            result["startup_s"] = round(time.monotonic() - started, 1)
+            result["startup_s"] = round(wait_healthy(proc, base, args.timeout, args.log), 1)
             result["memory_idle"] = group_memory(proc.pid)
             t0 = time.monotonic()
             for i in range(4):
@@ -99,16 +79,7 @@ def main() -> int:
                 if k in ("softmax_layers", "kv_bytes_per_token", "state_bytes_per_sequence", "engine", "dtypes")
             }
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_process_group(proc)
     result["machine"] = f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
     result["load_average_at_start"] = round(load_before, 2)
     result["date"] = time.strftime("%Y-%m-%d")

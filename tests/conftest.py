@@ -43,6 +43,15 @@ def make_served_hybrid(path: Path, family: str = "llama", seed: int = 1) -> Path
     return save_hybrid(hybrid, tokenizer, path, overwrite=True)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on shared cores: one thread avoids OpenMP spinning (100x slower under contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def served_hybrid(tmp_path_factory) -> Path:
     """A tiny llama-family hybrid checkpoint directory, shared by the serving tests."""

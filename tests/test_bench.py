@@ -26,6 +26,7 @@ from bench.metrics import (
     summarize,
     write_records,
 )
+from serve.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -464,14 +465,6 @@ def test_decode_cli_errors_are_clear(tmp_path, capsys):
 # ---- the whole compare runner, against stub servers started as processes ----------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_stub_server(port: int, model: str, max_model_len: int) -> None:
     """A stand-in for `hybrid serve`: logs a vLLM-style capacity line, then serves the stub API."""
     per_token = 1 if Path(model).name == "hybrid" else 3  # the "hybrid" holds 3x the sequences
@@ -496,7 +489,7 @@ def test_compare_runner_end_to_end_on_stub_servers(tmp_path):
     cfg = CompareConfig(
         teacher=str(models["teacher"]), hybrid=str(models["hybrid"]), out=tmp_path / "out", contexts=[8],
         concurrency=[1, 2], output_tokens=4, requests_per_user=1, max_run_time_s=60,
-        capacity_contexts=[2048, 8192], port=_free_port(), startup_timeout_s=60, sample_interval_s=0.05,
+        capacity_contexts=[2048, 8192], port=free_port(), startup_timeout_s=60, sample_interval_s=0.05,
         server_cmd=f"{sys.executable} {Path(__file__).resolve()} --stub {{port}} {{model}} {{max_model_len}}",
     )
     result = run_compare(cfg)

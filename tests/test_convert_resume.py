@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny_models import save_teacher
+from tests.tiny_models import save_teacher, write_word_corpus
 
 LAYERS = 4
 SETTINGS = [
@@ -32,10 +32,7 @@ SETTINGS = [
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     save_teacher(root / "teacher", "llama", num_layers=LAYERS, hidden=48, heads=4, kv_heads=2, seed=5)
-    words = "apple banana cherry grape lemon mango olive peach plum".split()
-    gen = torch.Generator().manual_seed(0)
-    docs = [" ".join(words[i] for i in torch.randint(0, len(words), (60,), generator=gen)) for _ in range(60)]
-    (root / "corpus.md").write_text("\n\n".join(docs))
+    write_word_corpus(root / "corpus.md", "apple banana cherry grape lemon mango olive peach plum", docs=60, words_per_doc=60)
     environ = dict(os.environ, OMP_NUM_THREADS="1", HYBRID_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1",
                    PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     return root, environ

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny_models import save_teacher
+from tests.tiny_models import save_teacher, write_word_corpus
 
 SETTINGS = [
     "eval_tokens=64", "eval_batch=2",
@@ -36,10 +36,7 @@ def convert(root: Path, out: Path, processes: int) -> subprocess.CompletedProces
 
 def test_two_processes_match_one(tmp_path):
     save_teacher(tmp_path / "teacher", "qwen3", num_layers=4, hidden=48, heads=4, kv_heads=2, seed=2)
-    words = "sun moon star sky sea land rain snow wind fire".split()
-    gen = torch.Generator().manual_seed(0)
-    docs = [" ".join(words[i] for i in torch.randint(0, len(words), (60,), generator=gen)) for _ in range(50)]
-    (tmp_path / "corpus.txt").write_text("\n\n".join(docs))
+    write_word_corpus(tmp_path / "corpus.txt", "sun moon star sky sea land rain snow wind fire", docs=50, words_per_doc=60)
 
     one = convert(tmp_path, tmp_path / "one", 1)
     assert one.returncode == 0, one.stderr[-3000:]

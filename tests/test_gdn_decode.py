@@ -7,9 +7,6 @@ subprocess with the variable set (it must be set before triton is imported).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,9 +14,8 @@ import torch.nn.functional as F
 
 from kernels.gdn import naive_recurrent_gated_delta_rule
 from kernels.gdn_decode import decode_launch_config, gdn_decode_step
+from tests.triton_interpreter import driver_only, interpreted_only, run_interpreted_tests
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1 (see the driver test)")
 # Relative error bounds: fp32 state is one fp32 step; a bf16 state is rounded once when stored (2^-9).
 STATE_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3}
 
@@ -142,13 +138,9 @@ def test_launch_config_fits_the_kernel(batch, state_bytes):
 # ---------------------------------------------------------------- Triton kernel, interpreted on CPU
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the driver")
+@driver_only
 def test_triton_kernel_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+    run_interpreted_tests(__file__)
 
 
 @interpreted_only

@@ -7,18 +7,14 @@ subprocess with the variable set (it must be set before triton is imported).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels.kl import MEMORY_BUDGET_BYTES, _kl_rows_torch, auto_chunk_tokens, fused_linear_kl, naive_kl
+from tests.triton_interpreter import driver_only, interpreted_only, run_interpreted_tests
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1 (see the driver test)")
 
 
 def make_inputs(n=203, vocab=1000, hs=32, ht=48, dtype=torch.float32, seed=0):
@@ -150,13 +146,9 @@ def test_bad_arguments_are_rejected():
 # ---------------------------------------------------------------- Triton kernel, interpreted on CPU
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the driver")
+@driver_only
 def test_triton_kernel_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+    run_interpreted_tests(__file__)
 
 
 @interpreted_only

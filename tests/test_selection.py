@@ -27,29 +27,21 @@ from distill.selection import (
 from distill.stages import EvalSet, Stage2Config, heldout_kl, restore_softmax, run_stage1
 from distill.train import TrainConfig
 from distill.transfer import hybrid_from_teacher
-from tests.tiny_models import make_teacher
+from tests.tiny_models import make_teacher, write_word_corpus
 
 CPU = Runtime()
 SEQ = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("selection")
     teacher, tok = make_teacher("llama", num_layers=4, hidden=48, heads=4, kv_heads=2, seed=3)
-    words = "north south east west up down left right in out on off".split()
-    gen = torch.Generator().manual_seed(1)
-    docs = [" ".join(words[i] for i in torch.randint(0, len(words), (70,), generator=gen)) for _ in range(50)]
-    (tmp / "corpus.txt").write_text("\n\n".join(docs))
-    data = prepare_data(DataSpec((str(tmp / "corpus.txt"),), SEQ, 4 * SEQ), tok, tmp / "cache")
+    corpus = write_word_corpus(tmp / "corpus.txt", "north south east west up down left right in out on off", docs=50, words_per_doc=70, seed=1)
+    data = prepare_data(DataSpec((str(corpus),), SEQ, 4 * SEQ), tok, tmp / "cache")
     stage1 = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * 4, seed=0)
     run_stage1(teacher, stage1, data, TrainConfig(steps=4, seq_len=SEQ, batch=2, micro_batch=2, lr=1e-2, save_every=100),
                tmp / "s1", CPU)

@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,31 +19,12 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from serve.launch import ServerFailed, free_port, spawn_server, stop_process_group, wait_healthy  # noqa: E402
+
 API_KEY = "test-key-123"
 MODEL = "tiny-hybrid"
 MAX_MODEL_LEN = 256
 STARTUP_TIMEOUT_S = 420
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (API server, engine core, worker), SIGKILL what remains."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the engine's children too, even if the leader is gone
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +37,13 @@ def server(served_hybrid: Path, tmp_path_factory):
         "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
         "--kv-cache-space", "1", "--enforce-eager",
     ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawn_server(cmd, log_path)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        with httpx.Client(trust_env=False) as http:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
-                try:
-                    if http.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(1)
+        try:
+            wait_healthy(proc, base, STARTUP_TIMEOUT_S, log_path)
+        except ServerFailed as e:
+            pytest.fail(str(e))
         yield {"base": base, "proc": proc, "log": log_path}
     finally:
         stop_process_group(proc)

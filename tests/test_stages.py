@@ -24,30 +24,21 @@ from distill.stages import (
 )
 from distill.train import TrainConfig, lr_factor, read_log, train
 from distill.transfer import hybrid_from_teacher
-from tests.tiny_models import make_teacher
+from tests.tiny_models import make_teacher, write_word_corpus
 
 CPU = Runtime()
 SEQ = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on shared cores: one thread avoids OpenMP spinning (100x slower under contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stages")
     teacher, tok = make_teacher("qwen2", num_layers=3, hidden=64, heads=4, kv_heads=2, seed=1)
-    words = "one two three four five six seven eight nine ten red green blue cat dog fox".split()
-    gen = torch.Generator().manual_seed(0)
-    docs = [" ".join(words[i] for i in torch.randint(0, len(words), (80,), generator=gen)) for _ in range(60)]
-    (tmp / "corpus.txt").write_text("\n\n".join(docs))
-    data = prepare_data(DataSpec((str(tmp / "corpus.txt"),), SEQ, 4 * SEQ), tok, tmp / "cache")
+    corpus = write_word_corpus(tmp / "corpus.txt", "one two three four five six seven eight nine ten red green blue cat dog fox", docs=60, words_per_doc=80, seed=0)
+    data = prepare_data(DataSpec((str(corpus),), SEQ, 4 * SEQ), tok, tmp / "cache")
     eval_set = EvalSet.build(teacher, data, 2, CPU)
     return teacher, tok, data, eval_set
 

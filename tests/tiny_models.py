@@ -90,3 +90,12 @@ def save_teacher(path: Path, family: str = "llama", **kw) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_word_corpus(path: Path, words: str, docs: int, words_per_doc: int, seed: int = 0) -> Path:
+    """A text file of `docs` documents (blank-line separated), each `words_per_doc` words drawn from `words`."""
+    vocab = words.split()
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(vocab), (docs, words_per_doc), generator=gen)
+    path.write_text("\n\n".join(" ".join(vocab[i] for i in row) for row in picks.tolist()))
+    return path
