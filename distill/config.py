@@ -12,6 +12,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from distill.families import SUPPORTED_FAMILIES, UnsupportedTeacherError
+from distill.remote_code import AUTO_MAP
 
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
@@ -85,6 +86,7 @@ class HybridConfig(PreTrainedConfig):
         self.linear_value_head_dim = self.linear_value_head_dim or self.head_dim
         self.provenance = dict(self.provenance or {})
         super().__post_init__(**kwargs)
+        self.auto_map = dict(AUTO_MAP)  # config.json -> the hybrid_gdn.py shim save_pretrained writes
         self._check()
 
     def _check(self) -> None:

@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from distill.config import FULL_ATTENTION, HybridConfig
 from distill.families import family
 from distill.gdn_mixer import GatedDeltaNet
+from distill.remote_code import write_shim
 
 
 class HybridDecoderLayer(GradientCheckpointingLayer):
@@ -76,6 +77,10 @@ class HybridPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _is_stateful = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_shim(save_directory)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

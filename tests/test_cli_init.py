@@ -29,6 +29,31 @@ def test_init_with_ratio_writes_loadable_hybrid(teacher_dir, tmp_path):
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 7)
 
 
+LOAD_WITHOUT_IMPORT = """
+import sys, torch, transformers
+path, ids = sys.argv[1], torch.tensor([[5, 9, 2, 7]])
+try:
+    transformers.AutoModelForCausalLM.from_pretrained(path)
+    sys.exit("loaded custom code without trust_remote_code")
+except ValueError as e:
+    assert "trust_remote_code=True" in str(e), e
+model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+assert "distill" not in sys.modules or type(model).__module__ == "distill.modeling"
+torch.save(model(ids).logits, sys.argv[2])
+"""
+
+
+def test_plain_transformers_loads_checkpoint_with_trust_remote_code(teacher_dir, tmp_path):
+    """A fresh process that never imports distill: config.json's auto_map finds the architecture."""
+    out = tmp_path / "hybrid"
+    assert main(["init", "--teacher", str(teacher_dir), "--ratio", "0.5", "--out", str(out)]) == 0
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_IMPORT, str(out), str(tmp_path / "logits.pt")],
+                            capture_output=True, text=True, timeout=300, input="n\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = AutoModelForCausalLM.from_pretrained(out)(torch.tensor([[5, 9, 2, 7]])).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=0)
+
+
 def test_init_with_explicit_layers(teacher_dir, tmp_path):
     out = tmp_path / "hybrid"
     assert main(["init", "--teacher", str(teacher_dir), "--softmax-layers", "0,3", "--out", str(out)]) == 0
