@@ -96,7 +96,11 @@ class GatedDeltaNet(nn.Module):
         if cache is not None:
             # returns the cached last inputs followed by the new ones; keeps the last `conv_width`
             qkv = cache.update_conv_state(qkv, self.layer_idx, conv_kernel_size=self.conv_width)
-        qkv = F.silu(causal_conv1d(qkv, self.conv1d.weight)[..., -seq_len:]).transpose(1, 2)
+        if has_state and seq_len == 1:  # decode: one dot product per channel over the window
+            window = qkv[..., -self.conv_width :]  # [B, conv_dim, W]
+            qkv = F.silu((window * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)).transpose(1, 2)
+        else:
+            qkv = F.silu(causal_conv1d(qkv, self.conv1d.weight)[..., -seq_len:]).transpose(1, 2)
 
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2norm(q.reshape(batch, seq_len, self.num_heads, self.head_k_dim))
