@@ -99,7 +99,7 @@ DEMO_CHECKPOINT = os.environ.get("HYBRID_DEMO_CHECKPOINT")
 
 
 @pytest.mark.skipif(not DEMO_CHECKPOINT, reason="set HYBRID_DEMO_CHECKPOINT to the output of scripts/demo.sh "
-                    "(runs/smollm2-demo); converting takes ~10 min on 2 cores, too long for every CI run")
+                    "(runs/smollm2-demo); converting takes 4-10 min on 2 cores, too long for every CI run")
 def test_smollm2_demo_hybrid_matches_transformers(tmp_path):
     """The trained SmolLM2 demo hybrid (`hybrid convert --preset demo`) at the 0.1 bar.
 
