@@ -9,6 +9,10 @@ Same function as vLLM's Qwen3-Next GDN layer (so serving reuses it), with the te
       beta  = sigmoid(b_proj(x));  g = -exp(A_log) * softplus(a_proj(x) + dt_bias)
       o     = gated delta rule(q * Dk^-0.5, k, v, g, beta)
       y     = o_proj(RMSNorm(o) * SiLU(z_proj(x)))          (teacher's W_o)
+
+The six input projections keep their own modules (the checkpoint's weight names, which serve/ maps)
+but run as one GEMM over their concatenated weights. `gdn_backend` (kernels.gdn.GDN_BACKENDS) picks
+the chunked GDN implementation; `set_gdn_backend(model, name)` sets it on every mixer of a model.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
         self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(self.value_dim, hidden, bias=config.attention_bias and config.teacher_model_type != "qwen2")
+        self.gdn_backend = "auto"
         self.reset_gdn_parameters()
 
     @torch.no_grad()
@@ -76,6 +81,17 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.norm.weight.fill_(1.0)
 
+    def _input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q|k|v, z, a, b from one GEMM over the six projections' weights (one read of x, no tiny GEMMs)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.z_proj, self.a_proj, self.b_proj)
+        weight = torch.cat([m.weight for m in projections])
+        bias = None
+        if self.q_proj.bias is not None:
+            zeros = self.q_proj.bias.new_zeros(self.value_dim + 2 * self.num_heads)
+            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias, zeros])
+        out = F.linear(x, weight, bias)
+        return out.split([self.conv_dim, self.value_dim, self.num_heads, self.num_heads], dim=-1)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -85,10 +101,11 @@ class GatedDeltaNet(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         """hidden_states [B, T, hidden]; attention_mask: 2-D padding mask [B, T] (1 = token) or None."""
         batch, seq_len, _ = hidden_states.shape
-        qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
+        qkv, z, a, b = self._input_projections(hidden_states)
+        pad_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
-            # padded positions contribute k = v = 0: they leave the recurrent state untouched
-            qkv = qkv * attention_mask[:, -seq_len:, None].to(qkv.dtype)
+            pad_mask = attention_mask[:, -seq_len:, None]
+            qkv = qkv * pad_mask.to(qkv.dtype)
 
         cache = past_key_values
         has_state = cache is not None and cache.has_previous_state(self.layer_idx)
@@ -106,17 +123,31 @@ class GatedDeltaNet(nn.Module):
         q = l2norm(q.reshape(batch, seq_len, self.num_heads, self.head_k_dim))
         k = l2norm(k.reshape(batch, seq_len, self.num_heads, self.head_k_dim))
         v = v.reshape(batch, seq_len, self.num_heads, self.head_v_dim)
-        beta = self.b_proj(hidden_states).sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        beta = b.sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        if pad_mask is not None:  # padded positions: k = v = 0 and no decay, so the state is untouched
+            g = g * pad_mask.to(g.dtype)
 
         state = cache.layers[self.layer_idx].recurrent_states[0] if has_state else None
         if state is not None and seq_len == 1:
             o, state = recurrent_gated_delta_rule(q, k, v, g, beta, state)
         else:
-            o, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+            o, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, backend=self.gdn_backend)
         if cache is not None:
             cache.update_recurrent_state(state, self.layer_idx)
 
-        z = self.z_proj(hidden_states).reshape(batch, seq_len, self.num_heads, self.head_v_dim)
+        z = z.reshape(batch, seq_len, self.num_heads, self.head_v_dim)
         o = self.norm(o.to(z.dtype), z).reshape(batch, seq_len, self.value_dim)
         return self.o_proj(o), None
+
+
+def set_gdn_backend(model: nn.Module, backend: str) -> int:
+    """Use `backend` (kernels.gdn.GDN_BACKENDS) in every GDN mixer of `model`; returns how many."""
+    from kernels.gdn import GDN_BACKENDS
+
+    if backend not in GDN_BACKENDS:
+        raise ValueError(f"GDN backend must be one of {GDN_BACKENDS}, got {backend!r}")
+    mixers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
+    for mixer in mixers:
+        mixer.gdn_backend = backend
+    return len(mixers)

@@ -12,14 +12,16 @@ Inputs use fla's "sequence-first" layout: q, k [B, T, H, K], v [B, T, H, V], g, 
 - `torch_chunk_gated_delta_rule`: chunked (WY) form in pure torch; differentiable; the CPU path for
   prefill and training.
 - `torch_recurrent_step`: one decode step in pure torch.
-`chunk_gated_delta_rule` dispatches to flash-linear-attention's Triton kernel on CUDA when fla is
-installed; `recurrent_gated_delta_rule` to our decode-step kernel (kernels/gdn_decode.py) on CUDA;
-both fall back to the torch implementations elsewhere.
+`chunk_gated_delta_rule` dispatches to flash-linear-attention's Triton kernels on CUDA when fla is
+installed (with one backward kernel in torch where fla refuses it, kernels/gdn_fla.py), by an explicit
+`backend=` choice or "auto"; `recurrent_gated_delta_rule` to our decode-step kernel
+(kernels/gdn_decode.py) on CUDA; both fall back to the torch implementations elsewhere.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,12 @@ __all__ = [
     "chunk_gated_delta_rule",
     "recurrent_gated_delta_rule",
     "fla_available",
+    "GDN_BACKENDS",
+    "resolve_gdn_backend",
+    "describe_gdn_backend",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -154,10 +161,63 @@ def fla_available() -> bool:
 
 @functools.cache
 def _fla_backward_blocked() -> bool:
+    """fla 0.6.0 refuses (raises in) its gated chunk_bwd_dqkwg on Hopper with 3.4 <= Triton < 3.7.1:
+    Triton miscompiles it there (fla #640). Its other kernels run; see kernels/gdn_fla.py."""
     import triton
     from packaging.version import Version
 
-    return torch.cuda.get_device_capability()[0] >= 9 and Version(triton.__version__) < Version("3.7.1")
+    triton_version = Version(triton.__version__)
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    return hopper and Version("3.4.0") <= triton_version < Version("3.7.1")
+
+
+GDN_BACKENDS = ("auto", "torch", "fla", "fla-torch-dqkwg", "fla-torch-dqkwg-wy")
+"""Prefill/training paths of `chunk_gated_delta_rule`:
+- torch:              the pure-torch chunked form (CPU; float32 on CUDA; the slow reference path)
+- fla:                fla's chunk_gated_delta_rule, every kernel Triton
+- fla-torch-dqkwg:    fla's Triton kernels, with the backward kernel fla refuses on Hopper + Triton
+                      < 3.7.1 (chunk_bwd_dqkwg) computed in torch (kernels/gdn_fla.py)
+- fla-torch-dqkwg-wy: the same, and prepare_wy_repr_bwd in torch as well
+- auto:               see `resolve_gdn_backend`"""
+
+
+def resolve_gdn_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete path for `backend` on `device` with inputs of `dtype`.
+
+    auto: torch off CUDA, without fla, or for float32 inputs (fla's tl.dot runs float32 operands as
+    TF32, ~1e-3 relative error, while a float32 caller — a numerics check, a parity test — expects
+    float32 arithmetic); on CUDA in 16-bit, fla where its backward is trusted, else fla-torch-dqkwg.
+    """
+    if backend not in GDN_BACKENDS:
+        raise ValueError(f"GDN backend must be one of {GDN_BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        if backend != "torch" and not (device.type == "cuda" and fla_available()):
+            raise RuntimeError(f"GDN backend {backend!r} needs CUDA and flash-linear-attention")
+        return backend
+    if device.type != "cuda" or not fla_available() or dtype == torch.float32:
+        return "torch"
+    return "fla-torch-dqkwg" if _fla_backward_blocked() else "fla"
+
+
+@functools.cache
+def describe_gdn_backend(backend: str) -> str:
+    """One line naming what a resolved backend runs (for logs and reports)."""
+    if backend == "torch":
+        return "torch: pure-torch chunked gated delta rule (forward + backward)"
+    import triton
+    from importlib.metadata import version
+
+    versions = f"fla {version('fla-core')}, Triton {triton.__version__}, {torch.cuda.get_device_name()}"
+    if backend == "fla":
+        return f"fla: flash-linear-attention Triton chunk kernels, forward + backward ({versions})"
+    torch_parts = "chunk_bwd_dqkwg" + (" and prepare_wy_repr_bwd" if backend.endswith("-wy") else "")
+    return (f"{backend}: flash-linear-attention Triton chunk kernels, with {torch_parts} in torch "
+            f"(fla #640: miscompiled on Hopper with Triton < 3.7.1) ({versions})")
+
+
+@functools.cache
+def _log_backend_once(backend: str) -> None:
+    logger.info("GDN chunk path: %s", describe_gdn_backend(backend))
 
 
 def chunk_gated_delta_rule(
@@ -168,14 +228,19 @@ def chunk_gated_delta_rule(
     beta: torch.Tensor,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill / training: fla's chunked Triton kernel on CUDA, the torch chunked form elsewhere.
+    """Prefill / training, differentiable: (o [B, T, H, V], final state [B, H, K, V] fp32).
 
-    fla 0.6.0 refuses its chunk backward on Hopper with triton < 3.7.1, so training there takes the
-    torch path (slow but correct) until a newer triton is installed."""
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta))
-    if q.is_cuda and fla_available() and not (needs_grad and _fla_backward_blocked()):
-        q, k, beta = q.to(v.dtype), k.to(v.dtype), beta.to(v.dtype)  # l2norm under autocast yields fp32
+    `backend` picks the implementation (GDN_BACKENDS); "auto" resolves per device, dtype and the
+    installed fla/Triton (`resolve_gdn_backend`). The path taken is logged once per process."""
+    q, k, beta = q.to(v.dtype), k.to(v.dtype), beta.to(v.dtype)  # l2norm under autocast yields fp32
+    resolved = resolve_gdn_backend(backend, q.device, v.dtype)
+    _log_backend_once(resolved)
+    if resolved == "torch":
+        return torch_chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if resolved == "fla":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
         return fla_chunk(
@@ -183,7 +248,10 @@ def chunk_gated_delta_rule(
             initial_state=None if initial_state is None else initial_state.float(),
             output_final_state=True,
         )
-    return torch_chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state)
+    from kernels.gdn_fla import TorchBackwardParts, fla_chunk_gdn
+
+    parts = TorchBackwardParts(dqkwg=True, wy_repr=resolved.endswith("-wy"))
+    return fla_chunk_gdn(q, k, v, g, beta, scale, initial_state, parts)
 
 
 def recurrent_gated_delta_rule(
