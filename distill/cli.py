@@ -2,6 +2,7 @@
 
     hybrid init      --teacher T (--softmax-layers 3,7 | --ratio R) --out DIR   Stage 0 (untrained hybrid)
     hybrid info      CHECKPOINT                                                 layout and cache bytes
+    hybrid eval      CKPT [CKPT ...] [--teacher T] [--tasks ...] --out DIR      teacher vs hybrids: KL, recall, lm-eval
     (more subcommands come from distill.pipeline_cli, serve.cli and bench.cli when present)
 """
 
@@ -24,7 +25,7 @@ Supported families: llama (SmolLM2 included), qwen2, qwen3, mistral.
 
 # Modules that may add subcommands: each exposes `register(subparsers)`. Missing ones are skipped,
 # so `hybrid` works without the serving extras installed.
-SUBCOMMAND_MODULES = ("distill.pipeline_cli", "serve.cli", "bench.cli")
+SUBCOMMAND_MODULES = ("distill.pipeline_cli", "distill.eval_cli", "serve.cli", "bench.cli")
 
 
 def add_init(subparsers) -> None:
