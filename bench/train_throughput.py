@@ -2,6 +2,8 @@
 
     python bench/train_throughput.py --teacher smollm2-135m --seq 2048 --micro-batch 8
     python bench/train_throughput.py --config teacher/config.json ...   # same architecture, random weights
+    python bench/train_throughput.py --shape qwen2.5-1.5b ...            # a built-in shape, random weights
+    ... --gdn-backends torch auto --baseline --profile-dir DIR            # before/after, plain fine-tuning, profiles
 
 Both stages run `distill.stages.run_stage1` / `run_stage2` (the code `hybrid convert` runs: teacher
 forward, student forward/backward, fused KL, AdamW, clipping) on random token blocks; the first
@@ -14,6 +16,11 @@ Model FLOPs per token (matmuls only, causal attention counted once, GDN as its r
     Stage 1 = teacher body forward + 3 x (all GDN mixers forward)
     Stage 2 = teacher forward (with lm_head) + 3 x (hybrid forward with lm_head)
 MFU = FLOPs/token x tokens/s / peak bf16 dense FLOP/s of the device.
+
+Each --gdn-backends entry (kernels.gdn.GDN_BACKENDS; "torch" = the pure-torch chunked GDN, "auto" =
+what `hybrid convert` runs) measures both stages with that GDN path set on the student explicitly.
+--baseline adds plain fine-tuning of the teacher architecture (next-token cross-entropy, all
+parameters, the same AdamW, clipping and bf16 autocast as our loop) in the same process.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,34 +70,72 @@ def stage_flops(config, seq: int, softmax_layers: list[int], stage: int) -> floa
     return teacher_body + lm_head + 3 * student
 
 
-def _patch_gdn_for_training() -> str:
-    """Two workarounds, until kernels.gdn.chunk_gated_delta_rule handles them itself:
-    * under bf16 autocast the mixer's l2norm returns fp32 q/k beside a bf16 v, which fla's chunk kernel
-      rejects ("Both operands must be same dtype"): cast q, k, beta to v's dtype;
-    * fla 0.6.0 refuses its chunk backward on Hopper with Triton < 3.7.1 (fla issue #640, wrong
-      gradients): when autograd needs the GDN's gradients on such a GPU, use the torch chunked form."""
-    import distill.gdn_mixer as mixer
-    from kernels.gdn import torch_chunk_gated_delta_rule
+SHAPES = {
+    "smollm2-135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True, model_type="llama",
+        attention_bias=False, rms_norm_eps=1e-5),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+        head_dim=128, vocab_size=151936, rope_theta=1000000.0, tie_word_embeddings=True, model_type="qwen2",
+        rms_norm_eps=1e-6),
+}
 
-    inner = mixer.chunk_gated_delta_rule
-    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-    triton_ok = False
-    try:
-        import triton
 
-        triton_ok = tuple(int(x) for x in triton.__version__.split(".")[:3]) >= (3, 7, 1)
-    except Exception:
-        pass
-    use_torch_for_grad = hopper and not triton_ok
+def shape_config(name: str):
+    from transformers import AutoConfig
 
-    def chunk(q, k, v, g, beta, *args, **kw):
-        q, k, beta = q.to(v.dtype), k.to(v.dtype), beta.to(v.dtype)
-        if use_torch_for_grad and torch.is_grad_enabled():
-            return torch_chunk_gated_delta_rule(q, k, v, g, beta, *args, **kw)
-        return inner(q, k, v, g, beta, *args, **kw)
+    fields = dict(SHAPES[name])
+    model_type, theta = fields.pop("model_type"), fields.pop("rope_theta")
+    return AutoConfig.for_model(model_type, max_position_embeddings=32768,
+                                rope_parameters={"rope_theta": theta, "rope_type": "default"}, **fields)
 
-    mixer.chunk_gated_delta_rule = chunk
-    return "torch chunked (fla backward refused on Hopper + Triton < 3.7.1)" if use_torch_for_grad else "fla chunk"
+
+def baseline_flops(config, seq: int) -> float:
+    """Plain fine-tuning: 3 x (forward of every softmax layer + lm_head)."""
+    L = config.num_hidden_layers
+    return 3 * (L * layer_flops(config, True, seq) + 2 * config.hidden_size * config.vocab_size)
+
+
+def plain_finetune(teacher, data, micro: int, steps: int, warmup: int, runtime) -> list[dict]:
+    """Next-token CE on a trainable copy of the teacher with distill.train.train (same loop as the stages)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from distill.train import TrainConfig, train
+
+    model = copy.deepcopy(teacher).requires_grad_(True)
+    rows = iter(range(len(data.train)))
+
+    def get_batch(step: int, m: int) -> torch.Tensor:
+        return torch.as_tensor(np.stack([data.train[next(rows) % len(data.train)] for _ in range(micro)]))
+
+    def loss_fn(ids: torch.Tensor):
+        h = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        logits = model.lm_head(h).float()
+        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()), {}
+
+    cfg = TrainConfig(steps=steps + warmup, seq_len=data.train.shape[1], batch=micro, micro_batch=micro, lr=1e-5,
+                      schedule="constant", save_every=0)
+    groups = [{"params": list(model.parameters()), "lr": cfg.lr, "name": "all"}]
+    with tempfile.TemporaryDirectory() as tmp:
+        log = train("plain fine-tune", model, groups, loss_fn, get_batch, cfg, Path(tmp), runtime, show_progress=False)
+    del model
+    return log
+
+
+def profile_one_step(run, out: Path, title: str) -> None:
+    """torch.profiler over one more step of `run` (already warm); writes the top kernels/ops table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(f"## {title}\n\n```\n{table}\n```\n\n")
 
 
 def main() -> None:
@@ -99,6 +143,7 @@ def main() -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--teacher", help="teacher spec (hub id, dir, .gguf, smollm2-135m)")
     src.add_argument("--config", type=Path, help="a teacher config.json: same architecture, random weights")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="a built-in teacher shape, random weights")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--stage2-micro-batch", type=int, help="default: --micro-batch")
@@ -106,7 +151,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ratio", type=float, default=0.25, help="softmax layers in Stage 2 (uniform placement)")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--out", type=Path, help="append a JSON line with the results")
+    p.add_argument("--gdn-backends", nargs="+", default=["auto"], help="GDN paths to measure (kernels.gdn.GDN_BACKENDS)")
+    p.add_argument("--baseline", action="store_true", help="also time plain fine-tuning of the teacher")
+    p.add_argument("--profile-dir", type=Path, help="profile one step per stage of the last backend into this dir")
+    p.add_argument("--label", default="", help="a free-text label stored with each row")
+    p.add_argument("--out", type=Path, help="append a JSON line per measurement")
     args = p.parse_args()
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -114,77 +163,105 @@ def main() -> None:
     from distill.config import LINEAR_ATTENTION
     from distill.data import PackedData
     from distill.distributed import init_runtime
+    from distill.gdn_mixer import set_gdn_backend
     from distill.placement import k_from_ratio, uniform_softmax_layers
     from distill.stages import Stage2Config, restore_softmax, run_stage1, run_stage2
     from distill.teacher import load_teacher
     from distill.train import TrainConfig
     from distill.transfer import hybrid_from_teacher
-    from kernels.gdn import fla_available
+    from kernels.gdn import describe_gdn_backend, resolve_gdn_backend
 
     runtime = init_runtime()
-    gdn_training_path = _patch_gdn_for_training() if torch.cuda.is_available() else "torch chunked"
+    cuda = runtime.device.type == "cuda"
+    torch.manual_seed(0)
     if args.teacher:
         teacher, _ = load_teacher(args.teacher)
         name = args.teacher
     else:
-        torch.manual_seed(0)
-        teacher = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.config.parent)).float().eval()
-        name = f"{args.config} (random weights)"
+        config = shape_config(args.shape) if args.shape else AutoConfig.from_pretrained(args.config.parent)
+        with torch.device(runtime.device):
+            teacher = AutoModelForCausalLM.from_config(config).float().eval()
+        name = f"{args.shape or args.config} (random weights)"
     teacher = teacher.to(runtime.device).requires_grad_(False)
     config = teacher.config
     L, V = config.num_hidden_layers, config.vocab_size
     rng = np.random.default_rng(0)
     micro2 = args.stage2_micro_batch or args.micro_batch
-    blocks = (args.steps + args.warmup) * max(args.micro_batch, micro2)
+    blocks = (args.steps + args.warmup + 1) * max(args.micro_batch, micro2)
     data = PackedData(train=rng.integers(0, V, size=(blocks, args.seq), dtype=np.int64),
                       eval=rng.integers(0, V, size=(1, args.seq), dtype=np.int64), meta={}, path=Path("."))
-    device_name = torch.cuda.get_device_name() if runtime.device.type == "cuda" else "cpu"
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_flops(device_name)
-    results = []
+    softmax = uniform_softmax_layers(L, k_from_ratio(args.ratio, L))
 
-    def measure(stage: int, log: list[dict], micro: int, softmax: list[int], seconds: float) -> dict:
+    def reset_memory() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def row(what: str, log: list[dict], micro: int, flops: float, seconds: float, backend: str | None) -> dict:
         timed = log[args.warmup :]
         per_step = micro * args.seq * runtime.world
         tok_s = len(timed) * per_step / sum(per_step / r["tok_per_s"] for r in timed)
-        flops = stage_flops(config, args.seq, softmax, stage)
-        row = {
-            "stage": stage, "teacher": name, "device": device_name, "seq": args.seq, "micro_batch": micro,
-            "softmax_layers": softmax, "timed_steps": len(timed), "tok_per_s": round(tok_s),
-            "model_gflop_per_token": round(flops / 1e9, 3),
-            "mfu": round(flops * tok_s / peak, 4) if peak else None,
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if runtime.device.type == "cuda" else None,
-            "fla": fla_available(), "gdn_training_path": gdn_training_path, "torch": torch.__version__, "wall_s": round(seconds, 1),
+        out = {
+            "what": what, "teacher": name, "device": device_name, "seq": args.seq, "micro_batch": micro,
+            "gdn_backend": backend, "gdn_path": describe_gdn_backend(resolve_gdn_backend(backend, runtime.device, torch.bfloat16)) if backend else None,
+            "softmax_layers": softmax if what == "stage2" else None, "timed_steps": len(timed), "tok_per_s": round(tok_s),
+            "model_gflop_per_token": round(flops / 1e9, 3), "mfu": round(flops * tok_s / peak, 4) if peak else None,
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "torch": torch.__version__, "wall_s": round(seconds, 1), "label": args.label,
             "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         }
-        print(json.dumps(row), flush=True)
-        return row
+        print(json.dumps(out), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(out) + "\n")
+        return out
 
-    student = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * L).to(runtime.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        if 1 in args.stages:
-            cfg = TrainConfig(steps=args.steps + args.warmup, seq_len=args.seq, batch=args.micro_batch,
-                              micro_batch=args.micro_batch, lr=1e-3, save_every=0)
-            if runtime.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            log = run_stage1(teacher, student, data, cfg, Path(tmp) / "s1", runtime)
-            results.append(measure(1, log, args.micro_batch, [], time.perf_counter() - t0))
-        if 2 in args.stages:
-            softmax = uniform_softmax_layers(L, k_from_ratio(args.ratio, L))
-            hybrid = restore_softmax(student, teacher, softmax)
-            del student
-            cfg = Stage2Config(TrainConfig(steps=args.steps + args.warmup, seq_len=args.seq, batch=micro2,
-                                           micro_batch=micro2, lr=1e-4, schedule="constant", save_every=0))
-            if runtime.device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            log = run_stage2(teacher, hybrid, data, replace(cfg), Path(tmp) / "s2", runtime)
-            results.append(measure(2, log, micro2, softmax, time.perf_counter() - t0))
-    if args.out:
-        with open(args.out, "a") as f:
-            for row in results:
-                f.write(json.dumps(row) + "\n")
+    def stage_configs(steps: int) -> tuple[TrainConfig, Stage2Config]:
+        s1 = TrainConfig(steps=steps, seq_len=args.seq, batch=args.micro_batch, micro_batch=args.micro_batch, lr=1e-3,
+                         save_every=0)
+        s2 = Stage2Config(TrainConfig(steps=steps, seq_len=args.seq, batch=micro2, micro_batch=micro2, lr=1e-4,
+                                      schedule="constant", save_every=0))
+        return s1, s2
+
+    steps = args.steps + args.warmup
+    if args.baseline:
+        reset_memory()
+        t0 = time.perf_counter()
+        log = plain_finetune(teacher, data, args.micro_batch, args.steps, args.warmup, runtime)
+        row("plain_finetune", log, args.micro_batch, baseline_flops(config, args.seq), time.perf_counter() - t0, None)
+
+    for i, backend in enumerate(args.gdn_backends):
+        profile = args.profile_dir if (args.profile_dir and i == len(args.gdn_backends) - 1) else None
+        student = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * L).to(runtime.device)
+        set_gdn_backend(student, backend)
+        s1, s2 = stage_configs(steps)
+        with tempfile.TemporaryDirectory() as tmp:
+            if 1 in args.stages:
+                reset_memory()
+                t0 = time.perf_counter()
+                log = run_stage1(teacher, student, data, s1, Path(tmp) / "s1", runtime)
+                row("stage1", log, args.micro_batch, stage_flops(config, args.seq, [], 1), time.perf_counter() - t0, backend)
+                if profile:
+                    one, _ = stage_configs(1)
+                    profile_one_step(lambda: run_stage1(teacher, student, data, one, Path(tmp) / "p1", runtime),
+                                     profile / "profile.md", f"Stage 1 step, {name}, GDN {backend}, {args.micro_batch} x {args.seq}")
+            if 2 in args.stages:
+                hybrid = restore_softmax(student, teacher, softmax)
+                del student
+                reset_memory()
+                t0 = time.perf_counter()
+                log = run_stage2(teacher, hybrid, data, s2, Path(tmp) / "s2", runtime)
+                row("stage2", log, micro2, stage_flops(config, args.seq, softmax, 2), time.perf_counter() - t0, backend)
+                if profile:
+                    _, one = stage_configs(1)
+                    profile_one_step(lambda: run_stage2(teacher, hybrid, data, one, Path(tmp) / "p2", runtime),
+                                     profile / "profile.md", f"Stage 2 step, {name}, GDN {backend}, {micro2} x {args.seq}")
+                del hybrid
+            else:
+                del student
 
 
 if __name__ == "__main__":
