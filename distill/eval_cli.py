@@ -175,6 +175,8 @@ def run_eval(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     heldout, recall, harness_tasks = parse_tasks(args.tasks)
+    if args.server and not harness_tasks:
+        raise UserError("--server answers lm-eval tasks only: pass --tasks lm:TASK or a task .yaml file")
     models = parse_models(args.checkpoints)
     harness = None
     if harness_tasks:

@@ -98,14 +98,17 @@ def plot(report: EvalReport, path: Path) -> Path | None:
             style = {"marker": "o", "color": f"C{i}", "label": m.name, "linestyle": "--" if m.role == "teacher" else "-"}
             exact_ax.plot(xs, [r.exact for r in scores], **style)
             delta_ax.plot(xs, [r.delta for r in scores], **style)
+        lengths = sorted({r.context for m in report.models for r in m.recall if r.task == task})
         for ax in (exact_ax, delta_ax):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(lengths, [str(x) for x in lengths])
+            ax.minorticks_off()
             ax.set_xlabel("context (tokens)")
             ax.grid(alpha=0.3)
         exact_ax.set_ylim(-0.05, 1.05)
         exact_ax.set_title(f"{task}: greedy exact match")
-        delta_ax.set_title(f"{task}: log p(answer) gain from the needle")
-        delta_ax.set_ylabel("nats")
+        delta_ax.set_title(f"{task}: needle's log p gain")
+        delta_ax.set_ylabel("log p(answer) with - without (nats)" if col == 0 else "")
     if has_heldout:
         names = [m.name for m in report.models if m.heldout]
         kl_ax, ppl_ax = axes[0][-1], axes[1][-1]

@@ -192,6 +192,7 @@ class Evaluation:
 
     def _add(self, row: ModelReport) -> ModelReport:
         self.report.models.append(row)
+        self._flush()
         return row
 
     def _flush(self) -> None:
