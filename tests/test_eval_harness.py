@@ -1,0 +1,88 @@
+"""lm-evaluation-harness both ways on the tiny servable hybrid: a local task through lm-eval's `hf` model
+(the checkpoint loaded with trust_remote_code) and through its `local-completions` model against a real
+`hybrid serve` on 127.0.0.1 (log-likelihoods via echo + logprobs, token ids sent, tokenizer read locally).
+The two must agree per request up to bf16 serving noise.
+
+Server start-up is ~40-80 s on 2 CPU cores (enforce_eager); the lm-eval runs take seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("vllm")
+
+from distill.cli import main as hybrid  # noqa: E402
+from distill.eval_harness import ServerTarget, checkpoint_model_args  # noqa: E402
+from distill.eval_results import EvalReport  # noqa: E402
+from serve.launch import ServerFailed, free_port, spawn_server, stop_process_group, wait_healthy  # noqa: E402
+from tests.test_eval_cli import write_choice_task  # noqa: E402
+
+API_KEY = "eval-key-456"
+MODEL = "tiny-hybrid"
+MAX_MODEL_LEN = 256
+STARTUP_TIMEOUT_S = 420
+BF16_LOGLIK_TOLERANCE = 0.25  # nats per request (a few tokens, each within bf16 noise of the fp32 model)
+
+
+@pytest.fixture(scope="module")
+def server(served_hybrid: Path, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("eval-server") / "server.log"
+    cmd = [
+        sys.executable, "-m", "distill.cli", "serve", str(served_hybrid),
+        "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
+        "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
+        "--kv-cache-space", "1", "--enforce-eager",
+    ]
+    proc = spawn_server(cmd, log_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_healthy(proc, base, STARTUP_TIMEOUT_S, log_path)
+        except ServerFailed as e:
+            pytest.fail(str(e))
+        yield base
+    finally:
+        stop_process_group(proc)
+
+
+def per_request_logliks(model: str, model_args: dict, task: Path) -> dict[tuple[int, int], float]:
+    """{(doc, choice): log-likelihood} from lm-eval's logged samples."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[str(task)],
+                                      task_manager=TaskManager(include_defaults=False), log_samples=True)
+    out = {}
+    for sample in results["samples"]["tiny_choice"]:
+        for choice, resp in enumerate(sample["resps"]):
+            out[(sample["doc_id"], choice)] = float(resp[0][0])
+    return out
+
+
+def test_lm_eval_hf_and_local_completions_agree_on_a_real_server(server, served_hybrid, tmp_path, one_thread):
+    task = write_choice_task(tmp_path / "task")
+    out = tmp_path / "out"
+    # through the CLI: the server row (model name found at /v1/models) beside the checkpoint itself
+    assert hybrid(["eval", f"local={served_hybrid}", "--tasks", str(task), "--server", server,
+                   "--server-tokenizer", str(served_hybrid), "--api-key", API_KEY, "--server-max-length",
+                   str(MAX_MODEL_LEN), "--device", "cpu", "--out", str(out)]) == 0
+    report = EvalReport.load(out / "results.json")
+    local, served = {m.name: m for m in report.models}["local"], {m.name: m for m in report.models}[f"server:{MODEL}"]
+    assert served.role == "server" and set(served.lm_eval) == set(local.lm_eval) == {"tiny_choice"}
+    assert API_KEY not in (out / "results.json").read_text()
+
+    # per request: the server's echo + logprobs log-likelihoods against the fp32 transformers model
+    target = ServerTarget(server, MODEL, str(served_hybrid), API_KEY, MAX_MODEL_LEN)
+    via_server = per_request_logliks("local-completions", target.model_args(), task)
+    via_hf = per_request_logliks("hf", checkpoint_model_args(str(served_hybrid), "cpu"), task)
+    assert set(via_server) == set(via_hf) and len(via_hf) == 8
+    for key, expected in via_hf.items():
+        assert via_server[key] == pytest.approx(expected, abs=BF16_LOGLIK_TOLERANCE), key
+    spread = max(via_hf.values()) - min(via_hf.values())
+    assert spread > 4 * BF16_LOGLIK_TOLERANCE  # the requests differ far more than the tolerance
