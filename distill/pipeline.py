@@ -243,6 +243,7 @@ class Session:
             self.runtime.barrier()
         self.teacher = teacher.to(self.runtime.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        log_gdn_path(self.runtime)
         for seq_len in self.preset.seq_lens:  # all data problems surface here, before any training
             self.data(seq_len)
         if self.runtime.is_main and not run_file.is_file():
@@ -309,6 +310,15 @@ class Session:
 # ---------------------------------------------------------------------------------------------
 # The steps
 # ---------------------------------------------------------------------------------------------
+
+
+def log_gdn_path(runtime: Runtime) -> str:
+    """Log (and return) which GDN chunk implementation every stage's mixers run on this machine."""
+    from kernels.gdn import describe_gdn_backend, resolve_gdn_backend
+
+    path = describe_gdn_backend(resolve_gdn_backend("auto", runtime.device, runtime.amp_dtype or torch.float32))
+    log.info("GDN chunk path (training and prefill): %s", path)
+    return path
 
 
 @contextlib.contextmanager

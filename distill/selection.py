@@ -150,13 +150,26 @@ def forward_from_layer(model: HybridForCausalLM, hidden: torch.Tensor, start: in
     return inner.norm(hidden)
 
 
+def _to_host(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host copy (page-locked when CUDA exists, so the copy back to the GPU is asynchronous)."""
+    x = x.to("cpu", dtype=dtype or x.dtype)
+    return x.pin_memory() if torch.cuda.is_available() else x
+
+
 @dataclass
 class SharedScoringInputs:
-    """Everything the GA-S2 candidates have in common, computed once."""
+    """Everything the GA-S2 candidates have in common, computed once.
 
-    batches: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [step][micro] -> (ids, teacher hidden)
+    The per-step teacher hidden states and the per-layer prefixes live in host memory: on the GPU they
+    would take (candidate tokens x hidden x 4 bytes) — 30 GB for SmolLM2 at the `paper` preset — and
+    grow with the teacher. Training batches hold the teacher's hidden states in the autocast dtype
+    (bf16 on CUDA), the precision `kl_from_hidden` computes in anyway; `train` copies each batch to the
+    GPU as it runs. Prefixes keep their dtype (they are the residual stream) and go to the GPU one
+    candidate layer at a time."""
+
+    batches: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [step][micro] -> (ids, teacher hidden), on the host
     eval_set: EvalSet
-    prefix_hidden: list[list[torch.Tensor]]  # [eval batch][layer] -> input of that layer, all-linear model
+    prefix_hidden: list[list[torch.Tensor]]  # [eval batch][layer] -> input of that layer, all-linear model, host
 
     @classmethod
     @torch.no_grad()
@@ -170,17 +183,17 @@ class SharedScoringInputs:
         for step in range(tcfg.steps):
             micro_batches = []
             for micro in range(accum):
-                ids = batch_for_step(data, order, step, micro, tcfg.micro_batch, accum).to(runtime.device)
+                ids = batch_for_step(data, order, step, micro, tcfg.micro_batch, accum)
                 with runtime.autocast():
-                    h_t = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
-                micro_batches.append((ids, h_t))
+                    h_t = teacher.model(input_ids=ids.to(runtime.device), use_cache=False).last_hidden_state
+                micro_batches.append((_to_host(ids), _to_host(h_t, runtime.amp_dtype)))
             batches.append(micro_batches)
         eval_set = EvalSet.build(teacher, data, cfg.eval_batch, single, max_blocks=cfg.eval_blocks or None)
         prefix = []
         for ids in eval_set.ids:
             with runtime.autocast():
                 out = stage1.model(input_ids=ids, use_cache=False, output_hidden_states=True)
-            prefix.append(list(out.hidden_states[:-1]))  # hidden_states[l] is the input of layer l
+            prefix.append([_to_host(h) for h in out.hidden_states[:-1]])  # hidden_states[l] is the input of layer l
         return cls(batches, eval_set, prefix)
 
 
@@ -188,7 +201,7 @@ def _kl_from_prefix(candidate: HybridForCausalLM, layer: int, shared: SharedScor
     total, count = 0.0, 0
     for ids, h_t, prefix in zip(shared.eval_set.ids, shared.eval_set.teacher_hidden, shared.prefix_hidden):
         with runtime.autocast():
-            h_s = forward_from_layer(candidate, prefix[layer], layer)
+            h_s = forward_from_layer(candidate, prefix[layer].to(runtime.device, non_blocking=True), layer)
             kl = kl_from_hidden(h_s, candidate.lm_head.weight, h_t, shared.eval_set.teacher_weight, runtime.amp_dtype)
         total += kl.item() * ids.numel()
         count += ids.numel()

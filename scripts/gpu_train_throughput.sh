@@ -1,27 +1,23 @@
 #!/usr/bin/env bash
-# Stage 1 and Stage 2 training throughput on the GPU machine (run from the repo root, e.g. through the
-# device `run` tool with carry [".whl"]). SmolLM2-135M's architecture (config below) with random
-# weights: throughput does not depend on the weights' values, and it spares carrying the 98 MB GGUF.
-# Results: JSON lines in $OUT/train_throughput.jsonl (or bench/results/ without $OUT).
-set -euo pipefail
+# Training throughput before/after on the GPU machine, in one process per shape (device `run` tool,
+# carry [".whl"]): "torch" = the pure-torch chunked GDN (the path before issue 14), "auto" = what
+# `hybrid convert` runs now; plus plain fine-tuning of the same teacher. Random weights (throughput does
+# not depend on them). Then peak memory of each stage at the `small` and `paper` presets' micro-batch
+# shapes (2 timed steps each, default path). Results: $OUT/train_throughput.jsonl and a log.
+set -uo pipefail
 OUT=${OUT:-bench/results}
-if compgen -G ".whl/flash_linear_attention-*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/fla_core-*.whl .whl/flash_linear_attention-*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
-mkdir -p /tmp/smollm2-135m
-cat > /tmp/smollm2-135m/config.json <<'JSON'
-{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": false, "attention_dropout": 0.0,
- "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "head_dim": 64, "hidden_act": "silu", "hidden_size": 576,
- "initializer_range": 0.02, "intermediate_size": 1536, "max_position_embeddings": 8192, "mlp_bias": false,
- "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3, "rms_norm_eps": 1e-05,
- "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}, "tie_word_embeddings": true, "vocab_size": 49152}
-JSON
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers; from kernels.gdn import fla_available; print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla', fla_available())"
-python3 bench/train_throughput.py --config /tmp/smollm2-135m/config.json --seq 2048 \
-  --micro-batch "${MICRO_BATCH:-8}" --steps "${STEPS:-10}" --warmup 3 --out "$OUT/train_throughput.jsonl"
+source scripts/gpu_env.sh
+TT="python3 bench/train_throughput.py --out $OUT/train_throughput.jsonl"
+{
+  $TT --shape smollm2-135m --seq 2048 --micro-batch 8 --steps "${STEPS:-5}" --warmup 3 --gdn-backends torch auto --baseline --label before-after
+  $TT --shape qwen2.5-1.5b --seq 2048 --micro-batch 4 --steps "${QWEN_STEPS:-3}" --warmup 2 --gdn-backends torch auto --baseline --label before-after
+  if [ "${PRESET_MEMORY:-1}" = 1 ]; then
+    for shape in smollm2-135m qwen2.5-1.5b; do
+      $TT --shape $shape --seq 512 --micro-batch 16 --steps 2 --warmup 1 --stages 1 --label "preset small stage1"
+      $TT --shape $shape --seq 512 --micro-batch 32 --steps 2 --warmup 1 --stages 1 --label "preset paper stage1"
+      $TT --shape $shape --seq 1024 --micro-batch 8 --steps 2 --warmup 1 --stages 2 --ratio 0.0334 --label "preset small candidate"
+      $TT --shape $shape --seq 4096 --micro-batch 4 --steps 2 --warmup 1 --stages 2 --ratio 0.0334 --label "preset paper candidate"
+      $TT --shape $shape --seq 4096 --micro-batch 4 --steps 2 --warmup 1 --stages 2 --label "preset paper stage2"
+    done
+  fi
+} 2>&1 | grep -v "it/s\]\|step/s\]\|s/step\]" | tee "$OUT/train_throughput.log"
