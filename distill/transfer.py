@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from distill.checkpoint import dtype_name
 from distill.config import TEACHER_FIELDS, HybridConfig
 from distill.families import family
 from distill.modeling import HybridForCausalLM
@@ -64,6 +65,10 @@ def hybrid_from_teacher(
     teacher: PreTrainedModel, layer_types: list[str], provenance: dict | None = None, seed: int = 0
 ) -> HybridForCausalLM:
     """A hybrid with every shared weight copied from `teacher` and GDN mixers initialised from its attention."""
+    provenance = dict(provenance or {})
+    # the dtype the teacher is published in (load_teacher records it; a model built in memory has its own)
+    provenance.setdefault("teacher_dtype", getattr(teacher, "checkpoint_dtype", None)
+                          or dtype_name(next(teacher.parameters()).dtype))
     config = hybrid_config_from_teacher(teacher.config, layer_types, provenance)
     torch.manual_seed(seed)  # the new GDN parameters (gates, decay) are random
     hybrid = HybridForCausalLM(config).to(dtype=next(teacher.parameters()).dtype)

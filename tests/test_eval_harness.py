@@ -30,7 +30,7 @@ BF16_LOGLIK_TOLERANCE = 0.25  # nats per request (a few tokens, each within bf16
 
 
 @pytest.fixture(scope="module")
-def server(served_hybrid: Path, tmp_path_factory):
+def eval_server(served_hybrid: Path, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("eval-server") / "server.log"
     cmd = [
@@ -65,7 +65,8 @@ def per_request_logliks(model: str, model_args: dict, task: Path) -> dict[tuple[
     return out
 
 
-def test_lm_eval_hf_and_local_completions_agree_on_a_real_server(server, served_hybrid, tmp_path, one_thread):
+def test_lm_eval_hf_and_local_completions_agree_on_a_real_server(eval_server, served_hybrid, tmp_path, one_thread):
+    server = eval_server
     task = write_choice_task(tmp_path / "task")
     out = tmp_path / "out"
     # through the CLI: the server row (model name found at /v1/models) beside the checkpoint itself

@@ -24,9 +24,12 @@ def test_init_smollm2_quarter_softmax_loads_and_generates(tmp_path):
         generated = hybrid.generate(ids, max_new_tokens=6, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 6)
 
-    # the shared weights are the teacher's, and the teacher itself still answers sensibly
+    # the shared weights are the teacher's, stored in SmolLM2's published dtype (bf16), and the teacher itself
+    # still answers sensibly
+    assert config["dtype"] == "bfloat16" and hybrid.dtype == torch.bfloat16
     teacher, _ = load_teacher("smollm2-135m")
-    torch.testing.assert_close(hybrid.model.embed_tokens.weight, teacher.model.embed_tokens.weight, rtol=0, atol=0)
+    expected = teacher.model.embed_tokens.weight.to(torch.bfloat16)
+    torch.testing.assert_close(hybrid.model.embed_tokens.weight, expected, rtol=0, atol=0)
     with torch.no_grad():
         answer = tokenizer.decode(teacher.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:])
     assert "Paris" in answer
