@@ -254,6 +254,12 @@ def all_cases(quick: bool) -> list[Case]:
     return cases
 
 
+def _fmt(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+    return f"{value:.1e}" if isinstance(value, float) else str(value)
+
+
 def write_markdown(path: Path, result: dict) -> None:
     lines = [
         "# GDN chunk paths on the GPU: outputs and gradients vs float64",
@@ -264,8 +270,7 @@ def write_markdown(path: Path, result: dict) -> None:
         f"- command: `{result['command']}`",
         f"- tolerance: relative RMS error ||x - ref|| / ||ref|| <= {TOLERANCE} for every tensor (bf16 q, k, v, beta, do;"
         " fp32 g, initial state, dS); reference = float64 recurrence on the same rounded inputs",
-        f"- float64 chunked reference vs float64 token loop (T=1000, 12 x 128, padded, h0): max rel "
-        f"{max(result['reference_self_check'].values()):.1e}",
+        f"- float64 chunked reference vs float64 token loop (T=1000, 12 x 128, padded, h0): {_fmt(result['reference_self_check'])}",
         "",
         "| layout | T | B | padded | h0 | backend | o | S_T | dq | dk | dv | dg | dbeta | dh0 | pass |",
         "|---|---:|---:|:-:|:-:|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
@@ -282,12 +287,12 @@ def write_markdown(path: Path, result: dict) -> None:
     lines += ["", "All cases within tolerance: " + ", ".join(f"`{b}` {'yes' if ok else 'NO'}" for b, ok in passed.items()), ""]
     lines += ["## float32 forward (T=512, 9 x 64): relative RMS error vs float64", "",
               "| path | rel err |", "|---|---:|"]
-    lines += [f"| {k} | {v:.1e} |" for k, v in result["fp32_forward"].items()]
-    d = result["decode_kernel"]
-    lines += ["", f"Decode-step kernel (fp32, 16 tokens, 12 x 128, B=4) vs float64: o {d['o']:.1e}, state {d['S']:.1e}", ""]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in result["fp32_forward"].items()]
+    lines += ["", f"Decode-step kernel (fp32, 16 tokens, 12 x 128, B=4) vs float64: {_fmt(result['decode_kernel'])}", ""]
     lines += ["## Static-cache decode check (bench.decode, float32 SmolLM2-shaped hybrid, prefill 24 + 4 greedy steps)", "",
               "| prefill GDN path | max rel logit diff | argmax agreement |", "|---|---:|---:|"]
-    lines += [f"| {k} | {v['max_rel_diff']:.2e} | {v['argmax_agreement']:.0%} |" for k, v in result["static_cache"].items()]
+    lines += [f"| {k} | {v['max_rel_diff']:.2e} | {v['argmax_agreement']:.0%} |" if isinstance(v, dict) and 'max_rel_diff' in v else f"| {k} | {v} | |"
+              for k, v in result["static_cache"].items()]
     lines += ["", "## Speed: one layer's GDN forward + backward (bf16)", "", "| layout | B x T | backend | ms |", "|---|---|---|---:|"]
     lines += [f"| {r['layout']} | {r['B']} x {r['T']} | {r['backend']} | {r['fwd_bwd_ms']} |" for r in result["speed"]]
     path.write_text("\n".join(lines) + "\n")
@@ -311,13 +316,13 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "backends": args.backends,
     }
-    result["reference_self_check"] = reference_self_check(device)
-    print("reference self-check", result["reference_self_check"], flush=True)
-    result["fp32_forward"] = fp32_forward_errors(device)
-    print("fp32 forward", result["fp32_forward"], flush=True)
-    result["decode_kernel"] = decode_kernel_error(device)
-    result["static_cache"] = static_cache_checks(device)
-    print("static cache", result["static_cache"], flush=True)
+    for key, check in (("reference_self_check", reference_self_check), ("fp32_forward", fp32_forward_errors),
+                       ("decode_kernel", decode_kernel_error), ("static_cache", static_cache_checks)):
+        try:
+            result[key] = check(device)
+        except Exception as exc:  # report it and go on to the main table
+            result[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        print(key, result[key], flush=True)
     result["cases"] = check_cases(all_cases(args.quick), args.backends, device)
     result["speed"] = speed([b for b in args.backends if b != "fla"], device)
     args.out_dir.mkdir(parents=True, exist_ok=True)

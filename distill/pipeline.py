@@ -139,6 +139,45 @@ def _paper() -> Preset:
 
 PRESETS = {"demo": _demo, "small": _small, "paper": _paper}
 
+# Training tokens/s on one H100 for SmolLM2-135M at 8 x 2048 tokens per micro-batch, default GDN path
+# (bench/results/train_throughput.md). GA-S2 candidates are Stage-2 runs; Stage 3 is plain fine-tuning.
+MEASURED_TOK_S = {"stage1": 0.0, "stage2": 0.0, "stage3": 0.0}
+MEASURED_ON = "one H100, SmolLM2-135M, 8 x 2048 tokens per micro-batch (bench/results/train_throughput.md)"
+
+
+def preset_budget(preset: Preset, num_layers: int = 30, tok_s: dict[str, float] | None = None) -> list[dict]:
+    """Per stage: tokens per optimiser step, steps, tokens, and GPU-minutes at the measured throughput
+    (GA-S2: `num_layers` candidate runs; SmolLM2-135M has 30)."""
+    tok_s = tok_s or MEASURED_TOK_S
+    stages = [("stage 1 align", preset.stage1, 1, "stage1"),
+              (f"GA-S2 candidates ({num_layers} x)", preset.score.candidate.train, num_layers, "stage2"),
+              ("stage 2 distill", preset.stage2.train, 1, "stage2"),
+              ("stage 3 finetune", preset.stage3, 1, "stage3")]
+    rows = []
+    for name, cfg, runs, speed in stages:
+        tokens = runs * cfg.tokens
+        minutes = tokens / tok_s[speed] / 60 if tok_s[speed] else None
+        rows.append({"stage": name, "tokens_per_step": cfg.batch * cfg.seq_len, "steps": runs * cfg.steps,
+                     "tokens": tokens, "gpu_minutes": None if minutes is None else round(minutes, 1)})
+    return rows
+
+
+def format_preset_budget(preset: Preset, num_layers: int = 30) -> str:
+    """The budget table `hybrid presets` prints under a preset's settings."""
+    lines = [f"{preset.name}: GPU-minutes at the measured throughput ({MEASURED_ON})",
+             f"{'stage':<28}{'tokens/step':>12}{'steps':>8}{'tokens':>14}{'GPU-min':>9}"]
+    rows = preset_budget(preset, num_layers)
+    for r in rows:
+        minutes = "-" if r["gpu_minutes"] is None else f"{r['gpu_minutes']:.1f}"
+        lines.append(f"{r['stage']:<28}{r['tokens_per_step']:>12,}{r['steps']:>8,}{r['tokens']:>14,}{minutes:>9}")
+    total = sum(r["gpu_minutes"] or 0 for r in rows)
+    lines.append(f"{'total':<62}{total:>9.1f}")
+    if preset.name == "paper":
+        lines.append("reference recipe (DESIGN.md 2.2): Stage 1 100M tokens (seq 512, batch 96), Stage 2 600M tokens "
+                     "(seq 4096, batch 32) - matched; the per-candidate GA-S2 budget (100 steps x 32 x 4096 = 13.1M "
+                     "tokens) is ours: the reference states none")
+    return "\n".join(lines)
+
 
 def get_preset(name: str, overrides: list[str] | None = None, seed: int | None = None) -> Preset:
     """A preset by name with `path.to.field=value` overrides, e.g. stage2.train.steps=10."""
@@ -505,4 +544,4 @@ def save_ranking_outputs(ranking: Ranking, out: Path, k: int | None = None) -> N
         plot_curves(ranking, chosen, tmp / "score_curves.png")
 
 
-__all__ = ["Preset", "PRESETS", "get_preset", "Session", "ConvertRequest", "convert"]
+__all__ = ["Preset", "PRESETS", "get_preset", "preset_budget", "format_preset_budget", "Session", "ConvertRequest", "convert"]

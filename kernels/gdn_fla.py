@@ -104,7 +104,7 @@ def chunk_bwd_dqkwg_torch(q, k, v_new, g, h, dh, do, dv, scale: float, chunk: in
     dg_tokens = _unchunked(dg, T).clone()  # [B, T, H]
     last = torch.clamp(torch.arange(1, dg.shape[2] + 1, device=q.device) * chunk, max=T) - 1  # last token per chunk
     dg_tokens.index_add_(1, last, dg_last.movedim(2, 1))
-    return _unchunked(dq, T), _unchunked(dk, T), _unchunked(dw, T).to(k.dtype), dg_tokens
+    return _unchunked(dq, T), _unchunked(dk, T), _unchunked(dw, T).to(k.dtype).contiguous(), dg_tokens
 
 
 def prepare_wy_repr_bwd_torch(k, v, beta, g, A, dw, du, chunk: int = 64):
