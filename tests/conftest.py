@@ -1,10 +1,14 @@
-"""Shared fixtures: tiny hybrid checkpoints that vLLM can serve on CPU."""
+"""Shared fixtures: tiny hybrid checkpoints that vLLM can serve on CPU, and one real `hybrid serve`
+process for the whole session (tests/test_serve_*.py drive it over HTTP on 127.0.0.1)."""
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -56,3 +60,59 @@ def one_thread():
 def served_hybrid(tmp_path_factory) -> Path:
     """A tiny llama-family hybrid checkpoint directory, shared by the serving tests."""
     return make_served_hybrid(tmp_path_factory.mktemp("served") / "tiny-hybrid-llama", "llama")
+
+
+# ---- one real server for the session ------------------------------------------------------------------
+API_KEY = "test-key-123"
+MODEL = "tiny-hybrid"
+MAX_MODEL_LEN = 256
+PREFILL_CHUNK = 64  # --max-num-batched-tokens: longer prompts are prefilled in chunks of 64 tokens
+MAX_N = 8  # VLLM_MAX_N_SEQUENCES: bounds what one fuzzed request can ask for
+STARTUP_TIMEOUT_S = 420
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def serve_command(checkpoint: Path, port: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "distill.cli", "serve", str(checkpoint),
+        "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
+        "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
+        "--kv-cache-space", "1", "--enforce-eager", *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def server(served_hybrid: Path, tmp_path_factory):
+    """`hybrid serve` on the tiny hybrid (enforce_eager, 1 GiB pool): ~30-80 s to start on 2 CPU cores."""
+    pytest.importorskip("vllm")
+    from serve.launch import ServerFailed, free_port, spawn_server, stop_process_group, wait_healthy
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = serve_command(served_hybrid, port, "--vllm-args", f"--max-num-batched-tokens {PREFILL_CHUNK}")
+    proc = spawn_server(cmd, log_path, env={**os.environ, "VLLM_MAX_N_SEQUENCES": str(MAX_N)})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_healthy(proc, base, STARTUP_TIMEOUT_S, log_path)
+        except ServerFailed as e:
+            pytest.fail(str(e))
+        yield {"base": base, "proc": proc, "log": log_path}
+    finally:
+        stop_process_group(proc)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    with openai.OpenAI(
+        base_url=server["base"] + "/v1", api_key=API_KEY, http_client=httpx.Client(trust_env=False), max_retries=0
+    ) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def http(server):
+    with httpx.Client(base_url=server["base"], trust_env=False, timeout=120) as h:
+        yield h

@@ -1,0 +1,40 @@
+"""Helpers for tests that check a served model's answers against the transformers model.
+
+Greedy decoding in bf16 is right when every token the server picked is the transformers model's
+argmax or a near-tie (top-1 logit gap <= NEAR_TIE) under teacher forcing on the server's own tokens
+(DESIGN: docs of serve/, test_serve_parity.py). Exact equality between two server runs is not a
+guarantee: a prompt prefilled in other chunks, or batched with other sequences, rounds differently
+in bf16 and may take the other side of a near-tie, after which the texts part ways.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from scripts.serve_parity import teacher_forced_gaps
+
+NEAR_TIE = 0.1
+TINY_VOCAB, TINY_SPECIAL_IDS = 384, 3  # tests/tiny_models.py: ids 0-2 are the special tokens
+
+
+def token_prompt(length: int, seed: int) -> list[int]:
+    """`length` ordinary token ids of the tiny tokenizer (no special tokens), the same for a seed."""
+    rng = random.Random(seed)
+    return [rng.randrange(TINY_SPECIAL_IDS, TINY_VOCAB) for _ in range(length)]
+
+
+def generation(choice, prompt_ids: list[int]) -> dict:
+    """A completion choice requested with logprobs=1 and return_token_ids, as teacher_forced_gaps reads it."""
+    return {
+        "prompt": prompt_ids,
+        "prompt_ids": list(prompt_ids),
+        "generated_ids": list(choice.token_ids),
+        "vllm_logprobs": choice.logprobs.token_logprobs,
+    }
+
+
+def assert_near_ties(checkpoint: Path, generations: list[dict]) -> None:
+    rows = teacher_forced_gaps(str(checkpoint), generations, reference_weights="bf16")
+    worst = {len(r["prompt_ids"]): max(r["gaps"]) for r in rows}
+    assert max(worst.values()) <= NEAR_TIE, f"largest top-1 logit gap per prompt length: {worst}"
