@@ -1,0 +1,49 @@
+"""GDN backend choice: explicit, resolved per device/dtype, set per model; CPU always runs torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.gdn import GDN_BACKENDS, chunk_gated_delta_rule, resolve_gdn_backend, torch_chunk_gated_delta_rule
+
+
+def test_auto_is_torch_on_cpu_and_for_float32():
+    assert resolve_gdn_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
+    assert resolve_gdn_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert resolve_gdn_backend("torch", torch.device("cpu"), torch.float32) == "torch"
+
+
+def test_fla_backends_refused_without_cuda():
+    for name in GDN_BACKENDS:
+        if name.startswith("fla"):
+            with pytest.raises(RuntimeError):
+                resolve_gdn_backend(name, torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError):
+        resolve_gdn_backend("triton", torch.device("cpu"), torch.bfloat16)
+
+
+def test_explicit_torch_backend_matches_torch_form():
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.nn.functional.normalize(torch.randn(2, 70, 3, 8, generator=gen), dim=-1) for _ in range(2))
+    v = torch.randn(2, 70, 3, 8, generator=gen)
+    g, beta = -torch.rand(2, 70, 3, generator=gen), torch.rand(2, 70, 3, generator=gen)
+    o, s = chunk_gated_delta_rule(q, k, v, g, beta, backend="torch")
+    o_ref, s_ref = torch_chunk_gated_delta_rule(q, k, v, g, beta)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(s, s_ref)
+
+
+def test_set_gdn_backend_reaches_every_mixer():
+    from distill.config import LINEAR_ATTENTION
+    from distill.gdn_mixer import GatedDeltaNet, set_gdn_backend
+    from distill.transfer import hybrid_from_teacher
+    from tests.tiny_models import make_teacher
+
+    teacher, _ = make_teacher()
+    model = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * teacher.config.num_hidden_layers)
+    count = set_gdn_backend(model, "torch")
+    mixers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
+    assert count == len(mixers) > 0 and all(m.gdn_backend == "torch" for m in mixers)
+    with pytest.raises(ValueError):
+        set_gdn_backend(model, "nope")
