@@ -3,12 +3,15 @@
     hybrid bench compare --teacher T --hybrid H --out DIR     served teacher vs hybrid (vLLM + locust), CPU or GPU
     hybrid bench decode  --out DIR                             model-level decode tokens/s on a GPU
     hybrid bench report  RESULT.json --out DIR                 re-render a report from a saved result
+    hybrid bench fuzz    URL --api-key KEY --examples N        fuzz a server you started through its OpenAPI schema
+    hybrid bench soak    CKPT --duration S --out DIR           long mixed load on one server: errors, memory growth
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from distill.errors import UserError
@@ -48,6 +51,43 @@ def register(subparsers) -> None:
     p.add_argument("--prefix", default=None, help="file-name prefix of a decode report (default: decode)")
     p.add_argument("--extra", type=Path, nargs="*", default=[], help="decode: other decode JSONs to summarise")
     p.set_defaults(func=_run_report)
+
+    p = sub.add_parser(
+        "fuzz",
+        help="fuzz a running server (yours, on loopback) through its own OpenAPI schema; fails on any 5xx",
+        description="Generate requests from the server's /openapi.json with schemathesis (schema-valid and "
+        "schema-breaking), send each once, and count answers. Passes when no answer is a 5xx and the server "
+        "still completes a prompt afterwards. Bounded: --examples per operation and mode.",
+    )
+    p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--examples", type=int, default=50, help="requests per operation and mode (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="write the result as JSON here")
+    p.set_defaults(func=_run_fuzz)
+
+    p = sub.add_parser(
+        "soak",
+        help="long mixed load (locust) on one `hybrid serve`: no errors, memory flat after warm-up",
+        description="Serve CKPT on 127.0.0.1 and load it for --duration seconds with short and long prompts, "
+        "completions and chat, streamed and not, and clients that hang up mid-stream, sampling the server's "
+        "memory. Fails on any failed request, an unhealthy server at the end, or PSS growing faster than "
+        "--max-growth-mib-per-hour after --warmup. Writes soak.json, soak.md and soak_memory.png.",
+    )
+    p.add_argument("checkpoint", help="checkpoint directory to serve")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--duration", type=int, default=1800, help="seconds of load (default 1800)")
+    p.add_argument("--users", type=int, default=4, help="closed-loop users (default 4)")
+    p.add_argument("--prompt-tokens", default="choice:1,8,64,512,1500", help="prompt length distribution")
+    p.add_argument("--output-tokens", default="uniform:1:64", help="max_tokens distribution")
+    p.add_argument("--stream-fraction", type=float, default=0.6)
+    p.add_argument("--cancel-fraction", type=float, default=0.25)
+    p.add_argument("--interval", type=float, default=10.0, help="memory sampling period, s")
+    p.add_argument("--warmup", type=float, default=120.0, help="seconds of load before memory must be flat")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-growth-mib-per-hour", type=float, default=64.0)
+    p.add_argument("--server-arg", action="append", default=[], help="extra `hybrid serve` argument (repeatable)")
+    p.set_defaults(func=_run_soak)
 
 
 # ---- compare ---------------------------------------------------------------------------------
@@ -142,3 +182,42 @@ def _run_report(args: argparse.Namespace) -> None:
     else:
         raise UserError(f"{args.result}: neither a compare results.json nor a decode.json")
     print(text)
+
+
+# ---- fuzz ------------------------------------------------------------------------------------
+
+
+def _run_fuzz(args: argparse.Namespace) -> None:
+    from urllib.parse import urlparse
+
+    from bench.fuzz import fuzz, result_json
+
+    if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise UserError(f"{args.url}: fuzz only servers you started on loopback (127.0.0.1)")
+    result = fuzz(args.url.rstrip("/"), args.api_key, args.examples, args.seed)
+    if args.out:
+        args.out.write_text(result_json(result))
+    print(result.summary())
+    for error in result.server_errors:
+        print(json.dumps(error)[:1000])
+    if not result.passed:
+        raise SystemExit(1)
+
+
+# ---- soak ------------------------------------------------------------------------------------
+
+
+def _run_soak(args: argparse.Namespace) -> None:
+    from bench.soak import SoakConfig, run_soak
+
+    cfg = SoakConfig(
+        checkpoint=args.checkpoint, out=args.out, duration_s=args.duration, users=args.users,
+        prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, stream_fraction=args.stream_fraction,
+        cancel_fraction=args.cancel_fraction, interval_s=args.interval, warmup_s=args.warmup,
+        max_model_len=args.max_model_len, max_growth_mib_per_hour=args.max_growth_mib_per_hour,
+        server_args=[a for arg in args.server_arg for a in shlex.split(arg)],
+    )
+    result = run_soak(cfg)
+    print((args.out / "soak.md").read_text())
+    if not result["passed"]:
+        raise SystemExit(1)

@@ -158,6 +158,26 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return out
 
 
+def process_tree_memory(pid: int) -> dict[str, int]:
+    """RSS and PSS summed over a process and its descendants (PSS counts shared pages once overall)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    rss = pss = 0
+    for p in procs:
+        try:
+            info = p.memory_full_info()
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return {"rss_bytes": rss, "pss_bytes": pss, "processes": len(procs)}
+
+
 class Server:
     """One vLLM server process group on the loopback interface, its log in a file."""
 
@@ -233,25 +253,7 @@ class Server:
         return {key: flat[name] for key, name in METRIC_NAMES.items() if name in flat}
 
     def memory(self) -> dict[str, int]:
-        """RSS and PSS summed over the server's process tree (PSS counts shared pages once overall)."""
-        import psutil
-
-        if self.proc is None:
-            return {}
-        try:
-            root = psutil.Process(self.proc.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return {}
-        rss = pss = 0
-        for p in procs:
-            try:
-                info = p.memory_full_info()
-                rss += info.rss
-                pss += getattr(info, "pss", info.rss)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return {"rss_bytes": rss, "pss_bytes": pss, "processes": len(procs)}
+        return process_tree_memory(self.proc.pid) if self.proc is not None else {}
 
     def get_json(self, path: str) -> dict | None:
         try:

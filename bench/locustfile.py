@@ -25,6 +25,10 @@ Options (command line, or the environment variable in brackets):
   --seed N                seed of the prompt generator (each user offsets it)           [BENCH_SEED]
   --max-requests N        stop (quit locust) once N requests have been sent and answered;
                           0 = until --run-time                                          [BENCH_MAX_REQUESTS]
+  --stream-fraction F     share of requests sent with stream=true; the rest wait for one
+                          JSON answer (recorded as kind "unary")                         [BENCH_STREAM_FRACTION]
+  --cancel-fraction F     share of streamed requests the client abandons after the first
+                          token (kind "cancelled": a hang-up on purpose, not an error)   [BENCH_CANCEL_FRACTION]
 
 Requests still in flight when locust stops at --run-time are recorded with the error
 "cut off at the run-time limit", so a point that did not finish shows it.
@@ -74,6 +78,10 @@ def _add_arguments(parser) -> None:
     group.add_argument("--seed", type=int, default=0, env_var="BENCH_SEED")
     group.add_argument("--max-requests", type=int, default=0, env_var="BENCH_MAX_REQUESTS",
                        help="quit after this many requests (0: run until --run-time)")
+    group.add_argument("--stream-fraction", type=float, default=1.0, env_var="BENCH_STREAM_FRACTION",
+                       help="share of requests streamed (the rest: stream=false)")
+    group.add_argument("--cancel-fraction", type=float, default=0.0, env_var="BENCH_CANCEL_FRACTION",
+                       help="share of streamed requests abandoned after their first token")
 
 
 @events.test_start.add_listener
@@ -140,16 +148,12 @@ class OpenAIStreamingUser(User):
             raise RuntimeError(f"{self.base}/v1/models lists no model; pass --model")
         return models[0]["id"]
 
-    def _body(self, endpoint: str) -> dict:
+    def _body(self, endpoint: str, stream: bool) -> dict:
         opts = self.environment.parsed_options
         n_prompt = self.prompt_dist.sample(self.rng)
-        body: dict = {
-            "model": self.model,
-            "max_tokens": self.output_dist.sample(self.rng),
-            "temperature": 0.0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        body: dict = {"model": self.model, "max_tokens": self.output_dist.sample(self.rng), "temperature": 0.0}
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
         if self.ignore_eos:
             body["ignore_eos"] = True
         if endpoint == "chat":
@@ -178,20 +182,24 @@ class OpenAIStreamingUser(User):
         _issued += 1
         endpoint = self.rng.choice(self.endpoints)
         path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
-        body = self._body(endpoint)
+        stream = self.rng.random() < opts.stream_fraction
+        kind = "unary" if not stream else "cancelled" if self.rng.random() < opts.cancel_fraction else "stream"
+        body = self._body(endpoint, stream)
         wall0, t0 = time.time(), time.perf_counter()
 
         def now() -> float:  # wall-clock timestamps with perf_counter resolution
             return wall0 + (time.perf_counter() - t0)
 
-        timer = StreamTimer(wall0, endpoint=endpoint, tag=opts.tag)
+        timer = StreamTimer(wall0, endpoint=endpoint, tag=opts.tag, kind=kind)
         key = id(timer)
         _inflight[key] = timer
         error = None
         try:
-            with self.session.post(f"{self.base}{path}", json=body, stream=True, timeout=opts.request_timeout) as resp:
+            with self.session.post(f"{self.base}{path}", json=body, stream=stream, timeout=opts.request_timeout) as resp:
                 if resp.status_code != 200:
                     error = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                elif not stream:
+                    timer.on_payload(now(), resp.json())
                 else:
                     for line in iter_stream_lines(resp.raw.read1):
                         payload = parse_sse_line(line)
@@ -203,6 +211,8 @@ class OpenAIStreamingUser(User):
                             error = f"stream error: {json.dumps(payload['error'])[:200]}"
                             break
                         timer.on_payload(now(), payload)
+                        if kind == "cancelled" and timer.token_times:
+                            break  # leaving the `with` closes the connection mid-stream
         except (requests.RequestException, ValueError) as err:
             error = f"{type(err).__name__}: {str(err)[:200]}"
         record = timer.finish(now(), error=error)

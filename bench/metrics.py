@@ -38,6 +38,9 @@ class RequestRecord:
     error: str | None = None  # None for success, else a short description
     endpoint: str = "completions"  # "completions" or "chat"
     tag: str = ""  # free label (run name, model, ...)
+    # "stream" (timed token by token), "unary" (stream=false: one answer, TTFT = E2E) or "cancelled"
+    # (the client hung up after the first token, on purpose); only streams enter TTFT/TPOT/ITL/E2E
+    kind: str = "stream"
 
     @property
     def e2e(self) -> float:
@@ -131,6 +134,7 @@ def summarize(records: Iterable[RequestRecord]) -> Summary:
     records = list(records)
     ok = [r for r in records if r.ok]
     errors = [r for r in records if not r.ok]
+    streams = [r for r in ok if r.kind == "stream"]
     if records:
         window = max(r.end for r in records) - min(r.start for r in records)
     else:
@@ -152,10 +156,10 @@ def summarize(records: Iterable[RequestRecord]) -> Summary:
         output_tokens_per_s=out_tokens / window if window > 0 else 0.0,
         prompt_tokens_mean=sum(prompt) / len(prompt) if prompt else math.nan,
         output_tokens_mean=out_tokens / len(ok) if ok else math.nan,
-        ttft=Distribution.of([r.ttft for r in ok if r.ttft is not None]),
-        tpot=Distribution.of([t for r in ok if (t := r.tpot) is not None]),
-        itl=Distribution.of([gap for r in ok for gap in r.itl]),
-        e2e=Distribution.of([r.e2e for r in ok]),
+        ttft=Distribution.of([r.ttft for r in streams if r.ttft is not None]),
+        tpot=Distribution.of([t for r in streams if (t := r.tpot) is not None]),
+        itl=Distribution.of([gap for r in streams for gap in r.itl]),
+        e2e=Distribution.of([r.e2e for r in streams]),
         error_kinds=kinds,
     )
 
@@ -354,23 +358,23 @@ class StreamTimer:
     server's `usage.completion_tokens` when the stream includes usage, else the number of token events.
     """
 
-    def __init__(self, start: float, endpoint: str = "completions", tag: str = ""):
+    def __init__(self, start: float, endpoint: str = "completions", tag: str = "", kind: str = "stream"):
         self.start = start
-        self.endpoint, self.tag = endpoint, tag
+        self.endpoint, self.tag, self.kind = endpoint, tag, kind
         self.token_times: list[float] = []
         self.usage: dict | None = None
 
     def on_payload(self, now: float, payload: dict) -> None:
         if payload.get("usage"):
             self.usage = payload["usage"]
-        if chunk_text(payload):
+        if chunk_text(payload) or (self.kind == "unary" and payload.get("choices")):  # one whole answer
             self.token_times.append(now)
 
     def finish(self, end: float, error: str | None = None) -> RequestRecord:
         times = self.token_times
-        if error is None and not times:
-            error = "no output tokens in the stream"
         usage = self.usage or {}
+        if error is None and not times and not usage.get("completion_tokens"):
+            error = "no output tokens in the stream"  # (tokens whose text is empty, e.g. partial UTF-8, still count)
         return RequestRecord(
             start=self.start,
             end=end,
@@ -381,6 +385,7 @@ class StreamTimer:
             error=error,
             endpoint=self.endpoint,
             tag=self.tag,
+            kind=self.kind,
         )
 
 

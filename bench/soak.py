@@ -1,0 +1,217 @@
+"""Soak test: hours-long mixed load on one `hybrid serve`, watching for errors and memory growth.
+
+    hybrid bench soak runs/smollm2-demo --duration 1800 --users 4 --out bench/results/soak_cpu
+
+Starts `hybrid serve CKPT` on 127.0.0.1, runs locust (bench/locustfile.py) for --duration seconds with
+a mix of short and long prompts, completions and chat, streamed and not, and clients that hang up after
+the first token, while sampling the server's process-tree memory (RSS and PSS) every --interval s.
+The server passes when no request failed, it still answers /health at the end, and its memory after
+the warm-up is flat: the least-squares slope of PSS over the run stays under --max-growth-mib-per-hour.
+Writes soak.json, soak.md and soak_memory.png to --out.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench.compare import LOCUSTFILE, machine_description, process_tree_memory, versions
+from bench.metrics import read_records, summarize
+from serve.launch import free_port, spawn_server, stop_process_group, wait_healthy
+
+MIB = 2**20
+
+
+@dataclass
+class SoakConfig:
+    checkpoint: str
+    out: Path
+    duration_s: int = 1800
+    users: int = 4
+    prompt_tokens: str = "choice:1,8,64,512,1500"
+    output_tokens: str = "uniform:1:64"
+    endpoint: str = "mixed"
+    stream_fraction: float = 0.6
+    cancel_fraction: float = 0.25
+    interval_s: float = 10.0
+    warmup_s: float = 120.0
+    max_model_len: int = 2048
+    max_growth_mib_per_hour: float = 64.0
+    server_args: list[str] = field(default_factory=list)
+    startup_timeout_s: float = 900.0
+
+
+@dataclass
+class MemorySample:
+    t: float  # seconds since the load started
+    rss_bytes: int
+    pss_bytes: int
+
+
+class MemorySampler(threading.Thread):
+    def __init__(self, pid: int, interval_s: float):
+        super().__init__(daemon=True)
+        self.pid, self.interval_s = pid, interval_s
+        self.samples: list[MemorySample] = []
+        self.started = time.monotonic()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            memory = process_tree_memory(self.pid)
+            if memory:
+                self.samples.append(MemorySample(time.monotonic() - self.started, memory["rss_bytes"], memory["pss_bytes"]))
+            self._done.wait(self.interval_s)
+
+    def stop(self) -> list[MemorySample]:
+        self._done.set()
+        self.join(timeout=30)
+        return self.samples
+
+
+def slope_per_hour(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, value) points, per hour."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var_t = sum((t - mean_t) ** 2 for t, _ in points)
+    cov = sum((t - mean_t) * (v - mean_v) for t, v in points)
+    return cov / var_t * 3600 if var_t else 0.0
+
+
+def memory_verdict(samples: list[MemorySample], warmup_s: float, max_growth_mib_per_hour: float) -> dict:
+    steady = [s for s in samples if s.t >= warmup_s]
+    if len(steady) < 3:
+        return {"flat": False, "reason": f"only {len(steady)} samples after the {warmup_s:.0f} s warm-up"}
+    pss_slope = slope_per_hour([(s.t, s.pss_bytes / MIB) for s in steady])
+    return {
+        "flat": pss_slope <= max_growth_mib_per_hour,
+        "pss_slope_mib_per_hour": round(pss_slope, 1),
+        "rss_slope_mib_per_hour": round(slope_per_hour([(s.t, s.rss_bytes / MIB) for s in steady]), 1),
+        "pss_first_mib": round(steady[0].pss_bytes / MIB, 1),
+        "pss_last_mib": round(steady[-1].pss_bytes / MIB, 1),
+        "pss_max_mib": round(max(s.pss_bytes for s in steady) / MIB, 1),
+        "steady_samples": len(steady),
+        "limit_mib_per_hour": max_growth_mib_per_hour,
+    }
+
+
+def locust_argv(cfg: SoakConfig, url: str, records: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+        "-H", url, "-u", str(cfg.users), "-r", str(cfg.users), "--run-time", f"{cfg.duration_s}s",
+        "--stop-timeout", "0", "--records", str(records), "--tag", "soak",
+        "--prompt-tokens", cfg.prompt_tokens, "--output-tokens", cfg.output_tokens, "--endpoint", cfg.endpoint,
+        "--stream-fraction", str(cfg.stream_fraction), "--cancel-fraction", str(cfg.cancel_fraction),
+    ]
+
+
+def run_soak(cfg: SoakConfig) -> dict:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_argv = [sys.executable, "-m", "distill.cli", "serve", cfg.checkpoint, "--host", "127.0.0.1",
+                   "--port", str(port), "--max-model-len", str(cfg.max_model_len), *cfg.server_args]
+    proc = spawn_server(server_argv, cfg.out / "server.log")
+    records = cfg.out / "records.jsonl"
+    records.unlink(missing_ok=True)
+    try:
+        startup_s = wait_healthy(proc, url, cfg.startup_timeout_s, cfg.out / "server.log")
+        sampler = MemorySampler(proc.pid, cfg.interval_s)
+        sampler.start()
+        with open(cfg.out / "locust.log", "w") as log:
+            locust = subprocess.run(locust_argv(cfg, url, records), stdout=log, stderr=subprocess.STDOUT,
+                                    timeout=cfg.duration_s + 300)
+        samples = sampler.stop()
+        with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
+            healthy_after = proc.poll() is None and http.get("/health").status_code == 200
+    finally:
+        stop_process_group(proc)
+    all_records = read_records(records) if records.is_file() else []
+    kinds = {kind: sum(r.kind == kind for r in all_records) for kind in ("stream", "unary", "cancelled")}
+    summary = summarize(all_records)
+    memory = memory_verdict(samples, cfg.warmup_s, cfg.max_growth_mib_per_hour)
+    result = {
+        "config": {**asdict(cfg), "out": str(cfg.out)},
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_description(),
+        "versions": versions(),
+        "server_command": shlex.join(server_argv),
+        "locust_command": shlex.join(locust_argv(cfg, url, records)),
+        "startup_s": round(startup_s, 1),
+        "locust_exit_code": locust.returncode,
+        "requests": summary.requests,
+        "requests_by_kind": kinds,
+        "errors": summary.errors,
+        "error_kinds": summary.error_kinds,
+        "output_tokens": summary.output_tokens,
+        "healthy_after": healthy_after,
+        "memory": memory,
+        "memory_samples": [asdict(s) for s in samples],
+        "passed": summary.errors == 0 and healthy_after and memory["flat"] and summary.requests > 0,
+    }
+    (cfg.out / "soak.json").write_text(json.dumps(result, indent=2))
+    plot_memory(samples, cfg, cfg.out / "soak_memory.png")
+    (cfg.out / "soak.md").write_text(render(result))
+    return result
+
+
+def plot_memory(samples: list[MemorySample], cfg: SoakConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    minutes = [s.t / 60 for s in samples]
+    ax.plot(minutes, [s.pss_bytes / MIB for s in samples], label="PSS (server process tree)")
+    ax.plot(minutes, [s.rss_bytes / MIB for s in samples], label="RSS (sum, counts shared pages twice)", alpha=0.6)
+    ax.axvline(cfg.warmup_s / 60, color="grey", linestyle=":", label="end of warm-up")
+    ax.set_xlabel("minutes under load")
+    ax.set_ylabel("MiB")
+    ax.set_title(f"hybrid serve memory under {cfg.users} users of mixed load")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(result: dict) -> str:
+    cfg, memory = result["config"], result["memory"]
+    verdict = "PASS" if result["passed"] else "FAIL"
+    return "\n".join([
+        f"# Soak: {verdict}",
+        "",
+        f"- date: {result['date']}; machine: {result['machine']}",
+        f"- server: `{result['server_command']}` (start-up {result['startup_s']} s)",
+        f"- load: `{result['locust_command']}`",
+        f"- {cfg['duration_s'] / 60:.0f} min, {cfg['users']} closed-loop users; prompts {cfg['prompt_tokens']} tokens, "
+        f"outputs {cfg['output_tokens']}; completions and chat; {cfg['stream_fraction']:.0%} streamed, "
+        f"{cfg['cancel_fraction']:.0%} of streams abandoned after the first token",
+        "",
+        "| requests | streamed | unary | cancelled | errors | output tokens | healthy after |",
+        "|---|---|---|---|---|---|---|",
+        f"| {result['requests']} | {result['requests_by_kind']['stream']} | {result['requests_by_kind']['unary']} | "
+        f"{result['requests_by_kind']['cancelled']} | {result['errors']} | {result['output_tokens']} | "
+        f"{result['healthy_after']} |",
+        "",
+        "Memory after the warm-up (PSS summed over the server's processes; slope by least squares):",
+        "",
+        "```",
+        json.dumps(memory, indent=2),
+        "```",
+        "",
+        "![memory](soak_memory.png)",
+        "",
+    ])
