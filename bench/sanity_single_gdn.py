@@ -82,10 +82,10 @@ def align_one_layer(teacher, student: HybridForCausalLM, layer: int, data: Packe
     return log
 
 
-def measure(label: str, model, eval_set: EvalSet, tasks, runtime: Runtime, seq_len: int) -> Checkpoint:
+def measure(label: str, model, eval_set: EvalSet, tasks, runtime: Runtime, seq_len: int, batch: int) -> Checkpoint:
     started = time.perf_counter()
     heldout = heldout_scores(model, eval_set, runtime, seq_len, desc=f"{label}: held-out")
-    passkey = [score_recall(model, spec, samples, runtime, batch_size=1, desc=f"{label}: {spec.name}")
+    passkey = [score_recall(model, spec, samples, runtime, batch_size=batch, desc=f"{label}: {spec.name}")
                for spec, samples in tasks]
     result = Checkpoint(label, heldout, passkey, time.perf_counter() - started)
     cells = ", ".join(f"{r.task}@{r.context} {r.exact:.2f} ({r.delta:+.1f})" for r in passkey)
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1-steps", type=int, default=16)
     parser.add_argument("--stage1-lr", type=float, default=5e-3)
     parser.add_argument("--stage2-steps", type=int, default=8)
+    parser.add_argument("--eval-batch", type=int, default=1, help="passkey prompts per forward")
     parser.add_argument("--machine", default=platform.node(), help="machine description for the report")
     parser.add_argument("--device", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m bench.sanity_single_gdn", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "heldout_tokens": eval_set.num_tokens,
-        "teacher": asdict(measure("teacher", teacher, eval_set, tasks, runtime, args.seq_len)),
+        "teacher": asdict(measure("teacher", teacher, eval_set, tasks, runtime, args.seq_len, args.eval_batch)),
         "layers": [],
     }
 
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         run = LayerRun(layer)
         layer_types = [LINEAR_ATTENTION if i == layer else FULL_ATTENTION for i in range(num_layers)]
         hybrid = hybrid_from_teacher(teacher, layer_types, {"teacher": args.teacher}).to(runtime.device)
-        run.checkpoints.append(measure(f"GDN layer {layer}, stage 0", hybrid, eval_set, tasks, runtime, args.seq_len))
+        run.checkpoints.append(measure(f"GDN layer {layer}, stage 0", hybrid, eval_set, tasks, runtime, args.seq_len,
+                                       args.eval_batch))
         with tempfile.TemporaryDirectory() as work:
             t0 = time.perf_counter()
             log1 = align_one_layer(teacher, hybrid, layer, data, stage1, Path(work) / "s1", runtime)
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         run.stage1_loss = [log1[0]["loss"], log1[-1]["loss"]]
         run.stage2_loss = [log2[0]["loss"], log2[-1]["loss"]]
         hybrid.eval()
-        run.checkpoints.append(measure(f"GDN layer {layer}, stage 1+2", hybrid, eval_set, tasks, runtime, args.seq_len))
+        run.checkpoints.append(measure(f"GDN layer {layer}, stage 1+2", hybrid, eval_set, tasks, runtime, args.seq_len,
+                                       args.eval_batch))
         result["layers"].append(asdict(run))
         save()
         del hybrid

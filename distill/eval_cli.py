@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -142,8 +143,6 @@ def _server_target(args, models):
     tokenizer = args.server_tokenizer or (models[0].path if models else None)
     if tokenizer is None:
         raise UserError("--server needs --server-tokenizer DIR (the served checkpoint) for lm-eval's token counts")
-    import os
-
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     target = ServerTarget(args.server, args.server_model or "", tokenizer, api_key, args.server_max_length)
     if not target.model:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -106,8 +107,6 @@ def _teacher_spec(req: EvalRequest) -> str | None:
     for spec in req.models:
         config = Path(spec.path) / "config.json"
         if config.is_file():
-            import json
-
             teacher = (json.loads(config.read_text()).get("provenance") or {}).get("teacher")
             if teacher:
                 log.info("teacher from %s's provenance: %s", spec.path, teacher)
