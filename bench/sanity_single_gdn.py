@@ -144,10 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batch", type=int, default=1, help="passkey prompts per forward")
     parser.add_argument("--machine", default=platform.node(), help="machine description for the report")
     parser.add_argument("--device", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, help="CPU threads (1 is fastest on shared cores: no OpenMP spinning)")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     runtime = init_runtime(args.device)
     teacher, tokenizer = load_teacher(args.teacher)
     teacher = teacher.to(runtime.device).eval().requires_grad_(False)

@@ -65,6 +65,7 @@ def markdown_table(report: EvalReport) -> str:
     skipped = [f"{m.name}: {what} ({why})" for m in report.models for what, why in m.skipped.items()]
     if skipped:
         notes.append("Not measured: " + "; ".join(skipped) + ".")
+    notes += [f"Warning ({m.name}): {w}" for m in report.models for w in m.warnings]
     if report.interrupted:
         notes.append("**Interrupted**: the table holds what was measured before Ctrl-C.")
     return "\n".join(rows) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
@@ -119,7 +120,8 @@ def plot(report: EvalReport, path: Path) -> Path | None:
         ppl_ax.set_title("held-out perplexity")
         for ax in (kl_ax, ppl_ax):
             ax.tick_params(axis="x", rotation=30)
-    axes[0][0].legend(fontsize=8)
+    if tasks:
+        axes[0][0].legend(fontsize=8)
     fig.suptitle(f"hybrid eval, {report.device}, {report.date}" + (" (interrupted)" if report.interrupted else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -47,6 +47,7 @@ class ModelReport:
     recall: list[RecallScore] = field(default_factory=list)
     lm_eval: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
     skipped: dict[str, str] = field(default_factory=dict)  # what was not measured, and why
+    warnings: list[str] = field(default_factory=list)  # caveats about what was measured
 
     def recall_score(self, task: str, context: int) -> RecallScore | None:
         return next((r for r in self.recall if r.task == task and r.context == context), None)

@@ -123,6 +123,21 @@ def _teacher_harness_path(spec: str) -> str | None:
     return None if spec.endswith(".gguf") else spec
 
 
+def heldout_overlap_warnings(config, eval_tokens: int) -> list[str]:
+    """A conversion held out the first `eval_tokens` of its --data (by content hash); asking for more here
+    scores text it may have trained on. Only convert's provenance names its preset, hence its eval_tokens."""
+    from distill.pipeline import PRESETS
+
+    preset = ((getattr(config, "provenance", None) or {}).get("preset"))
+    if preset not in PRESETS:
+        return []
+    held_out = PRESETS[preset]().eval_tokens
+    if eval_tokens <= held_out:
+        return []
+    return [f"converted with preset {preset!r}, which held out {held_out} tokens of its --data (unless --set "
+            f"eval_tokens changed it); --eval-tokens {eval_tokens} may score text it trained on if --data is the same"]
+
+
 class Evaluation:
     """One `hybrid eval` run; `report` always holds what has been measured."""
 
@@ -203,6 +218,7 @@ class Evaluation:
     def _evaluate(self, row: ModelReport, model: nn.Module, tokenizer, harness_path: str | None) -> None:
         req = self.req
         if self.eval_set is not None:
+            row.warnings += heldout_overlap_warnings(model.config, req.eval_tokens)
             row.heldout = heldout_scores(model, self.eval_set, self.runtime, req.seq_len, desc=f"{row.name}: held-out")
             self._flush()
         max_len = getattr(model.config, "max_position_embeddings", None)

@@ -141,3 +141,21 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(files, tmp_path):
     assert report.interrupted and [m.name for m in report.models] == ["teacher"]
     assert report.models[0].recall == []  # the task in flight is not half-reported
     assert "**Interrupted**" in (out / "results.md").read_text()
+
+
+def test_heldout_beyond_the_conversions_split_is_flagged(files, tmp_path, one_thread):
+    """A demo-preset conversion held out 512 tokens of its --data; scoring 1024 may score trained-on text."""
+    import shutil
+
+    converted = shutil.copytree(files["hybrid"], tmp_path / "converted")
+    config = json.loads((converted / "config.json").read_text())
+    config["provenance"]["preset"] = "demo"
+    (converted / "config.json").write_text(json.dumps(config))
+    common = ["eval", str(converted), "--data", str(files["corpus"]), "--seq-len", "64", "--tasks", "heldout",
+              "--device", "cpu"]
+    assert hybrid([*common, "--eval-tokens", "1024", "--out", str(tmp_path / "wide")]) == 0
+    flagged = EvalReport.load(tmp_path / "wide" / "results.json").models[1]
+    assert len(flagged.warnings) == 1 and "held out 512 tokens" in flagged.warnings[0]
+    assert "Warning (converted): converted with preset 'demo'" in (tmp_path / "wide" / "results.md").read_text()
+    assert hybrid([*common, "--eval-tokens", "512", "--out", str(tmp_path / "inside")]) == 0
+    assert EvalReport.load(tmp_path / "inside" / "results.json").models[1].warnings == []
