@@ -27,6 +27,7 @@ import datetime
 import json
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -143,9 +144,10 @@ def backend_fn(backend: str):
 
 def check_cases(cases: list[Case], backends: list[str], device: str) -> list[dict]:
     rows = []
-    for i, case in enumerate(cases):
-        x = make_inputs(case, device, seed=i)
-        gen = torch.Generator(device=device).manual_seed(1000 + i)
+    for case in cases:
+        seed = zlib.crc32(repr(case).encode()) % 10_000
+        x = make_inputs(case, device, seed=seed)
+        gen = torch.Generator(device=device).manual_seed(1000 + seed)
         do = torch.randn(case.batch, case.T, case.heads, case.dim, generator=gen, device=device).bfloat16()
         dS = torch.randn(case.batch, case.heads, case.dim, case.dim, generator=gen, device=device)
         ref = reference(case, x, do, dS)
@@ -323,11 +325,18 @@ def main() -> None:
         except Exception as exc:  # report it and go on to the main table
             result[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         print(key, result[key], flush=True)
-    result["cases"] = check_cases(all_cases(args.quick), args.backends, device)
-    result["speed"] = speed([b for b in args.backends if b != "fla"], device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "gdn_correctness.json").write_text(json.dumps(result, indent=1))
-    write_markdown(args.out_dir / "gdn_correctness.md", result)
+
+    def save() -> None:  # after every part, so a run cut short still leaves its report
+        (args.out_dir / "gdn_correctness.json").write_text(json.dumps(result, indent=1))
+        write_markdown(args.out_dir / "gdn_correctness.md", result)
+
+    result["cases"], result["speed"] = [], []
+    for case in all_cases(args.quick):
+        result["cases"] += check_cases([case], args.backends, device)
+        save()
+    result["speed"] = speed([b for b in args.backends if b != "fla"], device)
+    save()
 
 
 if __name__ == "__main__":
