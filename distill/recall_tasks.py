@@ -3,9 +3,11 @@
 Every task hides one or more short facts ("needles") at random depths of a neutral filler text,
 then asks for one of them; the answer ends the sequence. A sample is built at the token level so
 that it holds exactly `context` tokens (filler + needles + question + answer) and samples of one
-length stack without padding. Each sample also comes with a copy in which the needle that holds
-the answer is replaced by the same number of filler tokens: the log-probability of the answer with
-the needle minus without it is the continuous recall score (it moves before exact match does).
+length stack without padding. The answer starts at its first token that carries a character of it
+(a bare leading space token, as SmolLM2 writes " 12345", stays in the prompt). Each sample also comes
+with a copy in which the needle that holds the answer is replaced by the same number of filler tokens:
+the log-probability of the answer with the needle minus without it is the continuous recall score (it
+moves before exact match does).
 
     passkey   one needle: "The pass key is 12345. Remember it. 12345 is the pass key."
     multikey  `needles` keys, each for a differently named door; one is asked for (the others distract)
@@ -150,6 +152,18 @@ class _Encoder:
     def __call__(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def split_answer(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        """(question ids, answer ids) where the answer starts at its first token that carries a character of it.
+
+        Tokenizers that split " 12345" into a bare space and digits (SmolLM2) would otherwise make the
+        space the first answer token: exact match would then score whether the model writes a space or a
+        word like " the" after "The pass key is", not whether it recalls the key.
+        """
+        question_ids, answer_ids = self(question), self(answer)
+        while len(answer_ids) > 1 and not self.tokenizer.decode(answer_ids[:1]).strip():
+            question_ids.append(answer_ids.pop(0))
+        return question_ids, answer_ids
+
 
 def build_recall_task(spec: RecallTaskSpec, tokenizer) -> list[RecallSample]:
     """`spec.samples` samples of exactly `spec.context` tokens each (see the module docstring)."""
@@ -164,7 +178,7 @@ def build_recall_task(spec: RecallTaskSpec, tokenizer) -> list[RecallSample]:
 
 def _assemble(spec: RecallTaskSpec, facts: _Facts, encode: _Encoder, rng: random.Random) -> RecallSample:
     needles = [encode(n) for n in facts.needles]
-    question, answer = encode(facts.question), encode(facts.answer)
+    question, answer = encode.split_answer(facts.question, facts.answer)
     fixed = sum(map(len, needles)) + len(question) + len(answer)
     room = spec.context - fixed
     if room < 0:

@@ -28,6 +28,7 @@ def test_samples_hold_the_answer_needle_and_end_with_the_answer(kind, tokenizer)
         assert len(s.ids) == len(s.ids_without) == 400
         answer_ids = s.ids[-s.answer_len :]
         assert tokenizer.decode(answer_ids).strip() == s.answer and s.answer.isdigit() and len(s.answer) == 5
+        assert tokenizer.decode(answer_ids[:1]).strip()  # the first scored token carries the key, not a bare space
         assert s.ids[-s.answer_len - 5 :] == s.ids_without[-s.answer_len - 5 :]  # same question and answer
         prompt, prompt_without = tokenizer.decode(s.ids[: -s.answer_len]), tokenizer.decode(s.ids_without[: -s.answer_len])
         # the answer is in the context only with its needle (vartrack: the chain's value)
@@ -132,3 +133,19 @@ def test_continuous_score_is_larger_with_the_needle_for_a_model_that_copies(toke
     assert score.exact == 1.0
     assert score.delta > 5.0  # nats over the answer's tokens
     assert score.logprob > score.logprob_without
+
+
+class SpaceThenDigits:
+    """A tokenizer that writes " 12345" as a bare space token and one token per character (like SmolLM2)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def test_a_bare_leading_space_token_stays_in_the_prompt():
+    s = build_recall_task(RecallTaskSpec("passkey", 300, samples=1, seed=0), SpaceThenDigits())[0]
+    assert s.answer_len == 5 and "".join(map(chr, s.ids[-5:])) == s.answer
+    assert "".join(map(chr, s.ids[-25:-5])).endswith("The pass key is ")
