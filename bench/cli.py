@@ -83,7 +83,8 @@ def register(subparsers) -> None:
     p.add_argument("--stream-fraction", type=float, default=0.6)
     p.add_argument("--cancel-fraction", type=float, default=0.25)
     p.add_argument("--interval", type=float, default=10.0, help="memory sampling period, s")
-    p.add_argument("--warmup", type=float, default=120.0, help="seconds of load before memory must be flat")
+    p.add_argument("--warmup", type=float, default=600.0,
+                   help="seconds of load before memory must be flat (default 600: new batch shapes fill caches early)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-growth-mib-per-hour", type=float, default=64.0)
     p.add_argument("--server-arg", action="append", default=[], help="extra `hybrid serve` argument (repeatable)")

@@ -47,7 +47,7 @@ import requests
 from locust import User, constant, events, task
 from locust.exception import StopUser
 
-from bench.metrics import DONE, LengthDist, StreamTimer, iter_stream_lines, parse_sse_line, text_prompt, token_prompt
+from bench.metrics import CUT_OFF, DONE, LengthDist, StreamTimer, iter_stream_lines, parse_sse_line, text_prompt, token_prompt
 
 _records_lock = threading.Lock()
 _records_file = None
@@ -100,7 +100,7 @@ def _close_records(environment, **kwargs) -> None:
     global _records_file
     end = time.time()
     for timer in list(_inflight.values()):  # killed by the run-time limit mid-stream
-        _write_record(timer.finish(end, error="cut off at the run-time limit"))
+        _write_record(timer.finish(end, error=CUT_OFF))
     _inflight.clear()
     if _records_file is not None:
         _records_file.close()

@@ -25,6 +25,9 @@ from pathlib import Path
 PERCENTILES = (50, 90, 99)
 
 
+CUT_OFF = "cut off at the run-time limit"  # the error of requests locust's run-time limit ended mid-flight
+
+
 @dataclass
 class RequestRecord:
     """What one request did, as seen by the client."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from bench.compare import LOCUSTFILE, machine_description, process_tree_memory, versions
-from bench.metrics import read_records, summarize
+from bench.metrics import CUT_OFF, read_records, summarize
 from serve.launch import free_port, spawn_server, stop_process_group, wait_healthy
 
 MIB = 2**20
@@ -43,7 +43,7 @@ class SoakConfig:
     stream_fraction: float = 0.6
     cancel_fraction: float = 0.25
     interval_s: float = 10.0
-    warmup_s: float = 120.0
+    warmup_s: float = 600.0
     max_model_len: int = 2048
     max_growth_mib_per_hour: float = 64.0
     server_args: list[str] = field(default_factory=list)
@@ -139,8 +139,11 @@ def run_soak(cfg: SoakConfig) -> dict:
     finally:
         stop_process_group(proc)
     all_records = read_records(records) if records.is_file() else []
-    kinds = {kind: sum(r.kind == kind for r in all_records) for kind in ("stream", "unary", "cancelled")}
-    summary = summarize(all_records)
+    # requests still in flight when locust stops at --run-time are cut off by the client, not failed
+    cut_off = [r for r in all_records if r.error == CUT_OFF]
+    answered = [r for r in all_records if r.error != CUT_OFF]
+    kinds = {kind: sum(r.kind == kind for r in answered) for kind in ("stream", "unary", "cancelled")}
+    summary = summarize(answered)
     memory = memory_verdict(samples, cfg.warmup_s, cfg.max_growth_mib_per_hour)
     result = {
         "config": {**asdict(cfg), "out": str(cfg.out)},
@@ -153,6 +156,7 @@ def run_soak(cfg: SoakConfig) -> dict:
         "locust_exit_code": locust.returncode,
         "requests": summary.requests,
         "requests_by_kind": kinds,
+        "cut_off_at_the_end": len(cut_off),
         "errors": summary.errors,
         "error_kinds": summary.error_kinds,
         "output_tokens": summary.output_tokens,
@@ -200,11 +204,11 @@ def render(result: dict) -> str:
         f"outputs {cfg['output_tokens']}; completions and chat; {cfg['stream_fraction']:.0%} streamed, "
         f"{cfg['cancel_fraction']:.0%} of streams abandoned after the first token",
         "",
-        "| requests | streamed | unary | cancelled | errors | output tokens | healthy after |",
-        "|---|---|---|---|---|---|---|",
+        "| requests | streamed | unary | cancelled | errors | output tokens | healthy after | cut off at the end |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {result['requests']} | {result['requests_by_kind']['stream']} | {result['requests_by_kind']['unary']} | "
         f"{result['requests_by_kind']['cancelled']} | {result['errors']} | {result['output_tokens']} | "
-        f"{result['healthy_after']} |",
+        f"{result['healthy_after']} | {result['cut_off_at_the_end']} |",
         "",
         "Memory after the warm-up (PSS summed over the server's processes; slope by least squares):",
         "",
