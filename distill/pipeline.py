@@ -139,10 +139,11 @@ def _paper() -> Preset:
 
 PRESETS = {"demo": _demo, "small": _small, "paper": _paper}
 
-# Training tokens/s on one H100 for SmolLM2-135M at 8 x 2048 tokens per micro-batch, default GDN path
-# (bench/results/train_throughput.md). GA-S2 candidates are Stage-2 runs; Stage 3 is plain fine-tuning.
-MEASURED_TOK_S = {"stage1": 0.0, "stage2": 0.0, "stage3": 0.0}
-MEASURED_ON = "one H100, SmolLM2-135M, 8 x 2048 tokens per micro-batch (bench/results/train_throughput.md)"
+# Training tokens/s measured for SmolLM2-135M at 8 x 2048 tokens per micro-batch on the default GDN path
+# (bench/results/train_throughput.md, 2026-12-05). Only an H200 could be had that day; an H100 runs the
+# same kernels somewhat slower. GA-S2 candidates are Stage-2 runs; Stage 3 is plain fine-tuning.
+MEASURED_TOK_S = {"stage1": 56_354.0, "stage2": 39_652.0, "stage3": 124_220.0}
+MEASURED_ON = "one H200, SmolLM2-135M, 8 x 2048 tokens per micro-batch, bench/results/train_throughput.md"
 
 
 def preset_budget(preset: Preset, num_layers: int = 30, tok_s: dict[str, float] | None = None) -> list[dict]:
