@@ -110,7 +110,8 @@ def run_harness(model: str, model_args: dict, spec: HarnessSpec) -> dict[str, di
             fewshot_random_seed=spec.seed,
         )
     except KeyError as err:
-        raise UserError(f"lm-eval does not know task {err}; pass a task name (`lm_eval ls tasks`) or a .yaml file") from None
+        detail = err.args[0] if err.args else err
+        raise UserError(f"lm-eval: {detail} (pass a task name from `lm_eval ls tasks` or a .yaml file)") from None
     return numeric_results(results or {})
 
 
