@@ -199,15 +199,25 @@ def resolve_gdn_backend(backend: str, device: torch.device, dtype: torch.dtype) 
     return "fla-torch-dqkwg" if _fla_backward_blocked() else "fla"
 
 
+def _fla_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("fla-core", "flash-linear-attention"):  # fla's code moved to fla-core in 0.5
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "unknown version"
+
+
 @functools.cache
 def describe_gdn_backend(backend: str) -> str:
     """One line naming what a resolved backend runs (for logs and reports)."""
     if backend == "torch":
         return "torch: pure-torch chunked gated delta rule (forward + backward)"
     import triton
-    from importlib.metadata import version
 
-    versions = f"fla {version('fla-core')}, Triton {triton.__version__}, {torch.cuda.get_device_name()}"
+    versions = f"fla {_fla_version()}, Triton {triton.__version__}, {torch.cuda.get_device_name()}"
     if backend == "fla":
         return f"fla: flash-linear-attention Triton chunk kernels, forward + backward ({versions})"
     torch_parts = "chunk_bwd_dqkwg" + (" and prepare_wy_repr_bwd" if backend.endswith("-wy") else "")
