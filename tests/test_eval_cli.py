@@ -9,12 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from distill.cli import main as hybrid
 from distill.eval_results import EvalReport
+from tests.lm_eval_tasks import write_choice_task
 from tests.tiny_models import save_teacher, write_word_corpus
 
 WORDS = "alpha beta gamma delta hello world"
@@ -27,27 +27,6 @@ def files(tmp_path_factory):
     assert hybrid(["init", "--teacher", str(teacher), "--ratio", "0.5", "--out", str(root / "hyb")]) == 0
     corpus = write_word_corpus(root / "val.md", WORDS, docs=200, words_per_doc=80)
     return {"root": root, "teacher": teacher, "hybrid": root / "hyb", "corpus": corpus}
-
-
-def write_choice_task(folder: Path) -> Path:
-    """A two-way multiple-choice lm-eval task over a local jsonl file (log-likelihood requests)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [
-        {"question": "The quick brown fox jumps over the", "choices": [" lazy dog", " warm sun"], "answer": 0},
-        {"question": "A language model predicts the next", "choices": [" token", " fox"], "answer": 0},
-        {"question": "def add(a, b):\n    return", "choices": [" hello", " a + b"], "answer": 1},
-        {"question": "Linear attention keeps a fixed-size", "choices": [" state", " cat"], "answer": 0},
-    ]
-    data = folder / "choice.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = folder / "tiny_choice.yaml"
-    task.write_text(
-        "task: tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    return task
 
 
 def test_eval_writes_table_json_and_plot_for_teacher_and_hybrid(files, tmp_path, capsys, one_thread):

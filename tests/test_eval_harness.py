@@ -20,7 +20,7 @@ from distill.cli import main as hybrid  # noqa: E402
 from distill.eval_harness import ServerTarget, checkpoint_model_args  # noqa: E402
 from distill.eval_results import EvalReport  # noqa: E402
 from serve.launch import ServerFailed, free_port, spawn_server, stop_process_group, wait_healthy  # noqa: E402
-from tests.test_eval_cli import write_choice_task  # noqa: E402
+from tests.lm_eval_tasks import write_choice_task  # noqa: E402
 
 API_KEY = "eval-key-456"
 MODEL = "tiny-hybrid"
