@@ -14,6 +14,7 @@ so the tokenizer must be the served model's: a local directory (the checkpoint) 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from pathlib import Path
 from distill.errors import UserError
 
 log = logging.getLogger(__name__)
+
+API_PACKAGES = ("aiohttp", "tenacity", "requests")  # what lm-eval's API models import (its `api` extra)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,10 @@ def run_harness(model: str, model_args: dict, spec: HarnessSpec) -> dict[str, di
     """Run lm-eval and return {task: {metric: value}} (metric names as lm-eval writes them, e.g. 'acc,none')."""
     spec.check()
     lm_eval, TaskManager = _lm_eval()
+    if model == "local-completions":
+        missing = [name for name in API_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UserError(f"lm-eval's local-completions model needs {', '.join(missing)}: pip install 'lm-eval[api]'")
     import distill  # noqa: F401  (registers the hybrid architecture for `hf` models in this process)
 
     only_files = all(t.endswith((".yaml", ".yml")) for t in spec.tasks)
