@@ -320,6 +320,9 @@ def write_markdown(path: Path, result: dict) -> None:
               "dg error at T = 1 without an initial state: there the true dg is exactly 0 (g_0 only scales the zero "
               "state), the relative error divides by a 1e-30 clamp, so the L2 error is that number x 1e-30 (~2e-6 for "
               "fla-torch-dqkwg, ~3e-8 for torch); such rows are counted as passing above.", ""]
+    covered = sorted({(r["layout"], r["T"], r["padded"]) for r in result["cases"]})
+    lines += ["Cases in this report (layout, T, padded): " + ", ".join(f"{l} {t}{' padded' if pd else ''}" for l, t, pd in covered)
+              + ". Not listed = not run.", ""]
     lines += ["## float32 forward (T=512, 9 x 64): relative RMS error vs float64", "",
               "| path | rel err |", "|---|---:|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in result["fp32_forward"].items()]
