@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Planned, not run on 2026-12-05: the device time went to failed starts; scripts/gpu_all.sh ran instead.)
 # Training throughput before/after on the GPU machine, in one process per shape (device `run` tool,
 # carry [".whl"]): "torch" = the pure-torch chunked GDN (the path before issue 14), "auto" = what
 # `hybrid convert` runs now; plus plain fine-tuning of the same teacher. Random weights (throughput does
