@@ -331,8 +331,10 @@ class Session:
             self.record("kl", label, heldout_kl(build(), self.eval_set(), self.runtime))
 
     def save_model(self, model: HybridForCausalLM, path: Path) -> None:
+        """A finished step's model in the work directory, in float32 whatever the teacher's dtype: a
+        resumed run must continue from exactly the weights an uninterrupted run holds in memory."""
         if self.runtime.is_main:
-            save_hybrid(model, self.tokenizer, path, overwrite=True)
+            save_hybrid(model, self.tokenizer, path, overwrite=True, dtype="float32")
             ckpt = path.parent / CHECKPOINT
             if ckpt.is_file():
                 ckpt.unlink()

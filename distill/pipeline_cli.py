@@ -129,9 +129,11 @@ def _finish(runtime) -> None:
 
 
 def run_presets(args) -> None:
-    from distill.pipeline import get_preset
+    from distill.pipeline import format_preset_budget, get_preset
 
-    print(json.dumps(_asdict(get_preset(args.name)), indent=2))
+    preset = get_preset(args.name)
+    print(json.dumps(_asdict(preset), indent=2))
+    print(format_preset_budget(preset))
 
 
 def run_convert(args) -> None:

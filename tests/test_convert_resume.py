@@ -31,7 +31,9 @@ SETTINGS = [
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
-    save_teacher(root / "teacher", "llama", num_layers=LAYERS, hidden=48, heads=4, kv_heads=2, seed=5)
+    # a bf16 teacher, as SmolLM2: the output is stored in bf16, while the work directory must keep float32
+    # (a rerun that continued from bf16-rounded stage weights would not reproduce the uninterrupted run)
+    save_teacher(root / "teacher", "llama", dtype=torch.bfloat16, num_layers=LAYERS, hidden=48, heads=4, kv_heads=2, seed=5)
     write_word_corpus(root / "corpus.md", "apple banana cherry grape lemon mango olive peach plum", docs=60, words_per_doc=60)
     environ = dict(os.environ, OMP_NUM_THREADS="1", HYBRID_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1",
                    PYTHONPATH=str(Path(__file__).resolve().parents[1]))
@@ -111,6 +113,8 @@ def test_sigkill_and_rerun_gives_the_same_weights(env, uninterrupted):
     cmd = command(root, out)
     kill_when(cmd, environ, work / "stage1" / "log.jsonl", 4)  # killed in Stage 1
     assert not (work / "stage1" / "model").exists() and (work / "stage1" / "ckpt.pt").is_file()
+    kill_when(cmd, environ, work / "score" / "runs" / "layer_001" / "log.jsonl", 1)  # rerun, killed while scoring
+    assert (work / "stage1" / "model").is_dir() and not (work / "score" / "ranking.json").exists()
     kill_when(cmd, environ, work / "stage2" / "log.jsonl", 5)  # rerun, killed in Stage 2
     assert not (work / "stage2" / "model").exists() and (work / "stage2" / "ckpt.pt").is_file()
     assert not out.exists()

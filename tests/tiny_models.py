@@ -85,9 +85,9 @@ def make_teacher(
     return model, tokenizer
 
 
-def save_teacher(path: Path, family: str = "llama", **kw) -> Path:
+def save_teacher(path: Path, family: str = "llama", dtype: torch.dtype = torch.float32, **kw) -> Path:
     model, tokenizer = make_teacher(family, **kw)
-    model.save_pretrained(path)
+    model.to(dtype).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
