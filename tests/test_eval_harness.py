@@ -3,12 +3,11 @@
 `hybrid serve` on 127.0.0.1 (log-likelihoods via echo + logprobs, token ids sent, tokenizer read locally).
 The two must agree per request up to bf16 serving noise.
 
-Server start-up is ~40-80 s on 2 CPU cores (enforce_eager); the lm-eval runs take seconds.
+The server is the session's (conftest.py); the lm-eval runs take seconds.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,36 +18,16 @@ pytest.importorskip("vllm")
 from distill.cli import main as hybrid  # noqa: E402
 from distill.eval_harness import ServerTarget, checkpoint_model_args  # noqa: E402
 from distill.eval_results import EvalReport  # noqa: E402
-from serve.launch import ServerFailed, free_port, spawn_server, stop_process_group, wait_healthy  # noqa: E402
+from tests.conftest import API_KEY, MAX_MODEL_LEN, MODEL  # noqa: E402
 from tests.lm_eval_tasks import write_choice_task  # noqa: E402
 
-API_KEY = "eval-key-456"
-MODEL = "tiny-hybrid"
-MAX_MODEL_LEN = 256
-STARTUP_TIMEOUT_S = 420
 BF16_LOGLIK_TOLERANCE = 0.25  # nats per request (a few tokens, each within bf16 noise of the fp32 model)
 
 
 @pytest.fixture(scope="module")
-def eval_server(served_hybrid: Path, tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("eval-server") / "server.log"
-    cmd = [
-        sys.executable, "-m", "distill.cli", "serve", str(served_hybrid),
-        "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-        "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
-        "--kv-cache-space", "1", "--enforce-eager",
-    ]
-    proc = spawn_server(cmd, log_path)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_healthy(proc, base, STARTUP_TIMEOUT_S, log_path)
-        except ServerFailed as e:
-            pytest.fail(str(e))
-        yield base
-    finally:
-        stop_process_group(proc)
+def eval_server(server) -> str:
+    """The session's `hybrid serve` of the tiny hybrid (conftest.py)."""
+    return server["base"]
 
 
 def per_request_logliks(model: str, model_args: dict, task: Path) -> dict[tuple[int, int], float]:
