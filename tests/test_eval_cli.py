@@ -100,7 +100,9 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(files, tmp_path):
     cmd = [sys.executable, "-m", "distill.cli", "eval", str(files["hybrid"]), "--teacher", str(files["teacher"]),
            "--tasks", "passkey", "--lengths", "256", "512", "--samples", "5000", "--batch-tokens", "256",
            "--device", "cpu", "--threads", "1", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a runner started in the background (nohup, `cmd &`) ignores SIGINT, and the child would inherit that
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not (out / "results.json").is_file():  # written as soon as the teacher's row starts

@@ -83,8 +83,9 @@ def test_smollm2_stage0_hybrid_matches_transformers(tmp_path):
     bf16 noise floor of a real 30-layer model: 0.098 and 0.105 in two runs on 2 CPU cores (argmax
     agreement 0.984, mean |logprob error| 0.040), where transformers itself computing in bf16 reaches
     0.21 and vLLM serving the plain teacher with its own Llama class 0.106. The bar here is that floor:
-    no gap above 0.15 and none above transformers-in-bf16's worst. The 0.1 bar of DESIGN.md §3 is
-    checked on the trained demo hybrid (next test).
+    no gap above 0.15. (Comparing with transformers-in-bf16's worst gap on the same run, as this test
+    once did, is itself a coin toss: that worst gap was 0.21 in one run and 0.008 in another, 2026-12-05.)
+    The 0.1 bar of DESIGN.md §3 is checked on the trained demo hybrid (next test).
     """
     from distill.cli import main as hybrid
 
@@ -92,7 +93,6 @@ def test_smollm2_stage0_hybrid_matches_transformers(tmp_path):
     assert hybrid(["init", "--teacher", "smollm2-135m", "--ratio", "0.25", "--out", str(checkpoint)]) == 0
     result = run_parity(checkpoint, tmp_path / "parity.json", 1800, "--max-model-len", "1024", "--tolerance", "0.15")
     check(result, min_distinct_tokens=8, max_mean_logprob_error=0.08)
-    assert result["summary"]["max_gap"] <= result["summary"]["transformers_bf16_max_gap"], result["summary"]
 
 
 DEMO_CHECKPOINT = os.environ.get("HYBRID_DEMO_CHECKPOINT")
