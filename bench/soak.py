@@ -7,6 +7,7 @@ a mix of short and long prompts, completions and chat, streamed and not, and cli
 the first token, while sampling the server's process-tree memory (RSS and PSS) every --interval s.
 The server passes when no request failed, it still answers /health at the end, and its memory after
 the warm-up is flat: the least-squares slope of PSS over the run stays under --max-growth-mib-per-hour.
+If the server process exits during the run, the load stops at once and the report says when.
 Writes soak.json, soak.md and soak_memory.png to --out.
 """
 
@@ -117,6 +118,21 @@ def locust_argv(cfg: SoakConfig, url: str, records: Path) -> list[str]:
     ]
 
 
+def watch_load(locust: subprocess.Popen, server: subprocess.Popen, started: float, deadline_s: float) -> float | None:
+    """Wait for locust to finish; stop it as soon as the server process exits (every later request would
+    fail). Returns the seconds under load at which the server exited, or None."""
+    while locust.poll() is None:
+        if server.poll() is not None:
+            died_at = time.monotonic() - started
+            locust.terminate()
+            locust.wait(timeout=60)
+            return died_at
+        if time.monotonic() - started > deadline_s:
+            locust.kill()
+        time.sleep(1)
+    return None
+
+
 def run_soak(cfg: SoakConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -131,8 +147,8 @@ def run_soak(cfg: SoakConfig) -> dict:
         sampler = MemorySampler(proc.pid, cfg.interval_s)
         sampler.start()
         with open(cfg.out / "locust.log", "w") as log:
-            locust = subprocess.run(locust_argv(cfg, url, records), stdout=log, stderr=subprocess.STDOUT,
-                                    timeout=cfg.duration_s + 300)
+            locust = subprocess.Popen(locust_argv(cfg, url, records), stdout=log, stderr=subprocess.STDOUT)
+            server_died_at_s = watch_load(locust, proc, sampler.started, deadline_s=cfg.duration_s + 300)
         samples = sampler.stop()
         with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
             healthy_after = proc.poll() is None and http.get("/health").status_code == 200
@@ -154,6 +170,8 @@ def run_soak(cfg: SoakConfig) -> dict:
         "locust_command": shlex.join(locust_argv(cfg, url, records)),
         "startup_s": round(startup_s, 1),
         "locust_exit_code": locust.returncode,
+        "server_died_at_s": server_died_at_s,
+        "server_exit_code": proc.returncode if server_died_at_s is not None else None,
         "requests": summary.requests,
         "requests_by_kind": kinds,
         "cut_off_at_the_end": len(cut_off),
@@ -163,7 +181,8 @@ def run_soak(cfg: SoakConfig) -> dict:
         "healthy_after": healthy_after,
         "memory": memory,
         "memory_samples": [asdict(s) for s in samples],
-        "passed": summary.errors == 0 and healthy_after and memory["flat"] and summary.requests > 0,
+        "passed": summary.errors == 0 and healthy_after and memory["flat"] and summary.requests > 0
+                  and server_died_at_s is None,
     }
     (cfg.out / "soak.json").write_text(json.dumps(result, indent=2))
     plot_memory(samples, cfg, cfg.out / "soak_memory.png")
@@ -210,6 +229,8 @@ def render(result: dict) -> str:
         f"{result['requests_by_kind']['cancelled']} | {result['errors']} | {result['output_tokens']} | "
         f"{result['healthy_after']} | {result['cut_off_at_the_end']} |",
         "",
+        *([f"**The server exited (code {result['server_exit_code']}) after {result['server_died_at_s'] / 60:.1f} min "
+           "under load; the load stopped there.**", ""] if result.get("server_died_at_s") is not None else []),
         "Memory after the warm-up (PSS summed over the server's processes; slope by least squares):",
         "",
         "```",

@@ -46,6 +46,7 @@ from distill.selection import (
     score_ablation,
     score_ga_s1,
     score_ga_s2,
+    score_kl_restore,
     uniform_ranking,
 )
 from distill.stages import EvalSet, Stage2Config, heldout_kl, restore_softmax, run_stage1, run_stage2, run_stage3
@@ -400,6 +401,10 @@ def step_score(s: Session, stage1: HybridForCausalLM, selector: str) -> Ranking:
         if selector == "ga-s2":
             cfg = s.preset.score
             ranking = score_ga_s2(s.teacher, stage1, s.data(cfg.candidate.train.seq_len), cfg, score_dir, s.runtime)
+        elif selector == "kl-restore":
+            cfg = s.preset.score
+            ranking = score_kl_restore(s.teacher, stage1, s.data(cfg.candidate.train.seq_len), cfg, score_dir,
+                                       s.runtime)
         elif selector == "ga-s1":
             ranking = score_ga_s1(s.teacher, stage1, s.eval_set(s.preset.stage1.seq_len), s.runtime, s.preset.align_loss)
         elif selector == "ablation":

@@ -48,7 +48,8 @@ def register(subparsers) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--ratio", type=float, help="fraction of layers kept softmax (K = round-half-up(ratio x L))")
     which.add_argument("--k", type=int, help="number of layers kept softmax")
-    p.add_argument("--selector", default="ga-s2", help="ga-s2 (KL-guided, default) | ga-s1 | ablation | uniform")
+    p.add_argument("--selector", default="ga-s2",
+                   help="ga-s2 (KL-guided, default) | kl-restore (GA-S2 with no training, cheap) | ga-s1 | ablation | uniform")
     p.add_argument("--out", required=True, type=Path, help="output directory: HF checkpoint + report.md")
     p.set_defaults(func=run_convert)
 
@@ -64,7 +65,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("score", help="rank layers for softmax attention (GA-S2 and baselines)")
     _common(p)
     p.add_argument("--stage1", type=Path, help="output of `hybrid align` (needed by ga-s2 and ga-s1)")
-    p.add_argument("--selector", default="ga-s2", help="ga-s2 | ga-s1 | ablation | uniform")
+    p.add_argument("--selector", default="ga-s2", help="ga-s2 | kl-restore | ga-s1 | ablation | uniform")
     p.add_argument("--k", type=int, help="highlight the top K in the plot")
     p.add_argument("--out", required=True, type=Path, help="directory for ranking.json and plots")
     p.set_defaults(func=run_score)
@@ -184,7 +185,7 @@ def run_align(args) -> None:
 def run_score(args) -> None:
     from distill.pipeline import load_hybrid, save_ranking_outputs, step_score
 
-    if args.selector in ("ga-s2", "ga-s1") and args.stage1 is None:
+    if args.selector in ("ga-s2", "kl-restore", "ga-s1") and args.stage1 is None:
         raise UserError(f"--selector {args.selector} needs --stage1 DIR (the output of `hybrid align`)")
     _check_out(args)
     runtime = _runtime(args)

@@ -4,6 +4,9 @@ Selectors (`hybrid score --selector ...`):
     ga-s2     KL-guided (the paper's): for every layer l, a short Stage 2 from the Stage-1 weights with
               only l restored to softmax; score = held-out KL to the teacher it reaches (lower = l matters
               more). All candidates see the same batches in the same order.
+    kl-restore  GA-S2 at step 0, the cheap selector: restore only l to softmax in the Stage-1 model and
+              measure the held-out KL with no training at all. One teacher forward and one all-linear
+              forward over the held-out blocks are shared; candidate l runs only layers l..L-1.
     ga-s1     the per-layer held-out Stage-1 alignment loss (higher = harder to linearise = matters more).
     ablation  zero one teacher attention layer and measure the accuracy drop on synthetic associative
               recall (bigger drop = matters more; ties broken by the drop in the answers' log-probability).
@@ -40,7 +43,7 @@ from distill.modeling import HybridForCausalLM
 from distill.placement import uniform_softmax_layers
 from distill.stages import EvalSet, Stage2Config, heldout_alignment, kl_from_hidden, restore_softmax, run_stage2
 
-SELECTORS = ("ga-s2", "ga-s1", "ablation", "uniform")
+SELECTORS = ("ga-s2", "kl-restore", "ga-s1", "ablation", "uniform")
 RANKING_FILE = "ranking.json"
 
 
@@ -157,6 +160,29 @@ def _to_host(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 @dataclass
+class HeldoutPrefixes:
+    """The held-out blocks with the teacher's final hidden states, and the input of every layer of the
+    all-linear Stage-1 model on them (host memory): what scoring a restored layer l needs, so that the
+    candidate runs only layers l..L-1."""
+
+    eval_set: EvalSet
+    prefix_hidden: list[list[torch.Tensor]]  # [eval batch][layer] -> input of that layer, all-linear model, host
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, teacher: nn.Module, stage1: HybridForCausalLM, data: PackedData, cfg: ScoreConfig,
+              runtime: Runtime) -> HeldoutPrefixes:
+        single = replace(runtime, rank=0, world=1)
+        eval_set = EvalSet.build(teacher, data, cfg.eval_batch, single, max_blocks=cfg.eval_blocks or None)
+        prefix = []
+        for ids in eval_set.ids:
+            with runtime.autocast():
+                out = stage1.model(input_ids=ids, use_cache=False, output_hidden_states=True)
+            prefix.append([_to_host(h) for h in out.hidden_states[:-1]])  # hidden_states[l] is the input of layer l
+        return cls(eval_set, prefix)
+
+
+@dataclass
 class SharedScoringInputs:
     """Everything the GA-S2 candidates have in common, computed once.
 
@@ -168,16 +194,14 @@ class SharedScoringInputs:
     candidate layer at a time."""
 
     batches: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [step][micro] -> (ids, teacher hidden), on the host
-    eval_set: EvalSet
-    prefix_hidden: list[list[torch.Tensor]]  # [eval batch][layer] -> input of that layer, all-linear model, host
+    heldout: HeldoutPrefixes
 
     @classmethod
     @torch.no_grad()
     def build(cls, teacher: nn.Module, stage1: HybridForCausalLM, data: PackedData, cfg: ScoreConfig,
               runtime: Runtime) -> SharedScoringInputs:
         tcfg = cfg.candidate.train
-        single = replace(runtime, rank=0, world=1)  # every candidate is a one-process run over all the data
-        accum = tcfg.grad_accum(1)
+        accum = tcfg.grad_accum(1)  # every candidate is a one-process run over all the data
         order = BlockOrder(len(data.train), tcfg.seed)
         batches = []
         for step in range(tcfg.steps):
@@ -188,21 +212,15 @@ class SharedScoringInputs:
                     h_t = teacher.model(input_ids=ids.to(runtime.device), use_cache=False).last_hidden_state
                 micro_batches.append((_to_host(ids), _to_host(h_t, runtime.amp_dtype)))
             batches.append(micro_batches)
-        eval_set = EvalSet.build(teacher, data, cfg.eval_batch, single, max_blocks=cfg.eval_blocks or None)
-        prefix = []
-        for ids in eval_set.ids:
-            with runtime.autocast():
-                out = stage1.model(input_ids=ids, use_cache=False, output_hidden_states=True)
-            prefix.append([_to_host(h) for h in out.hidden_states[:-1]])  # hidden_states[l] is the input of layer l
-        return cls(batches, eval_set, prefix)
+        return cls(batches, HeldoutPrefixes.build(teacher, stage1, data, cfg, runtime))
 
 
-def _kl_from_prefix(candidate: HybridForCausalLM, layer: int, shared: SharedScoringInputs, runtime: Runtime) -> float:
+def _kl_from_prefix(candidate: HybridForCausalLM, layer: int, heldout: HeldoutPrefixes, runtime: Runtime) -> float:
     total, count = 0.0, 0
-    for ids, h_t, prefix in zip(shared.eval_set.ids, shared.eval_set.teacher_hidden, shared.prefix_hidden):
+    for ids, h_t, prefix in zip(heldout.eval_set.ids, heldout.eval_set.teacher_hidden, heldout.prefix_hidden):
         with runtime.autocast():
             h_s = forward_from_layer(candidate, prefix[layer].to(runtime.device, non_blocking=True), layer)
-            kl = kl_from_hidden(h_s, candidate.lm_head.weight, h_t, shared.eval_set.teacher_weight, runtime.amp_dtype)
+            kl = kl_from_hidden(h_s, candidate.lm_head.weight, h_t, heldout.eval_set.teacher_weight, runtime.amp_dtype)
         total += kl.item() * ids.numel()
         count += ids.numel()
     return total / count
@@ -227,9 +245,9 @@ def score_ga_s2(teacher: nn.Module, stage1: HybridForCausalLM, data: PackedData,
     def run_candidate(layer: int) -> dict:
         start = time.perf_counter()
         candidate = restore_softmax(stage1, teacher, [layer])
-        kl0 = _kl_from_prefix(candidate, layer, shared, runtime)
+        kl0 = _kl_from_prefix(candidate, layer, shared.heldout, runtime)
         cand_dir = work_dir / "runs" / f"layer_{layer:03d}"
-        log = run_stage2(teacher, candidate, data, candidate_cfg, cand_dir, single, shared.eval_set,
+        log = run_stage2(teacher, candidate, data, candidate_cfg, cand_dir, single, shared.heldout.eval_set,
                          get_batch=get_batch, name=f"candidate {layer:>2}/{num_layers}")
         curve = [[0, kl0]] + [[r["step"], r["eval_kl"]] for r in log if "eval_kl" in r]
         del candidate
@@ -249,12 +267,59 @@ def score_ga_s2(teacher: nn.Module, stage1: HybridForCausalLM, data: PackedData,
         details={
             "candidate_steps": tcfg.steps,
             "candidate_tokens": tcfg.tokens,
-            "eval_tokens": shared.eval_set.num_tokens,
+            "eval_tokens": shared.heldout.eval_set.num_tokens,
             "train_loss": {layer: r["train_loss"] for layer, r in results.items()},
             "seconds_per_candidate": {layer: r["seconds"] for layer, r in results.items()},
             "shared_inputs_seconds": shared_seconds,
         },
     )
+
+
+def score_kl_restore(teacher: nn.Module, stage1: HybridForCausalLM, data: PackedData, cfg: ScoreConfig,
+                     work_dir: Path, runtime: Runtime, layers: list[int] | None = None) -> Ranking:
+    """The cheap selector: GA-S2's step-0 point. No candidate trains, so the cost is one teacher and one
+    all-linear forward over the held-out blocks plus L partial forwards (layers l..L-1)."""
+    num_layers = stage1.config.num_hidden_layers
+    layers = list(range(num_layers)) if layers is None else layers
+    t0 = time.perf_counter()
+    heldout = HeldoutPrefixes.build(teacher, stage1, data, cfg, runtime)
+    shared_seconds = time.perf_counter() - t0
+
+    def run_candidate(layer: int) -> dict:
+        start = time.perf_counter()
+        candidate = restore_softmax(stage1, teacher, [layer])
+        kl = _kl_from_prefix(candidate, layer, heldout, runtime)
+        del candidate
+        return {"layer": layer, "score": kl, "seconds": time.perf_counter() - start}
+
+    results = spread_layers(layers, Path(work_dir) / "candidates", runtime, run_candidate)
+    return ranking_from_scores(
+        "kl-restore", {layer: r["score"] for layer, r in results.items()}, lower_is_more_important=True,
+        metric="held-out KL(teacher || hybrid) with only that layer restored to softmax, no training",
+        details={
+            "candidate_steps": 0,
+            "candidate_tokens": 0,
+            "eval_tokens": heldout.eval_set.num_tokens,
+            "seconds_per_candidate": {layer: r["seconds"] for layer, r in results.items()},
+            "shared_inputs_seconds": shared_seconds,
+        },
+    )
+
+
+def ranking_agreement(a: Ranking, b: Ranking, k: int) -> dict:
+    """How far two rankings of the same layers agree: Spearman's rank correlation over all layers and the
+    Jaccard overlap of the K layers each keeps softmax (uniform placement for `uniform`)."""
+    if a.num_layers != b.num_layers:
+        raise UserError(f"rankings of different models: {a.num_layers} vs {b.num_layers} layers")
+    top_a, top_b = set(a.choose(k)), set(b.choose(k))
+    agreement = {"k": k, "top_k": {a.selector: sorted(top_a), b.selector: sorted(top_b)},
+                 "jaccard_top_k": len(top_a & top_b) / len(top_a | top_b) if top_a | top_b else 1.0,
+                 "spearman": None}
+    if a.order and b.order:
+        n = a.num_layers
+        d2 = sum((a.order.index(layer) - b.order.index(layer)) ** 2 for layer in range(n))
+        agreement["spearman"] = 1 - 6 * d2 / (n * (n * n - 1))
+    return agreement
 
 
 # ---------------------------------------------------------------------------------------------

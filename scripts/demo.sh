@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole job on the embedded default, on CPU: convert SmolLM2-135M into a 1/4-softmax hybrid
-# (demo budget), serve it with vLLM, and answer one chat request through the official openai client.
+# (demo budget), serve it with vLLM, and answer one chat request through the official openai client,
+# printed beside the teacher's own greedy answer (transformers) so the gap the CPU budget leaves shows.
 # Rerunning resumes an interrupted conversion and reuses a finished one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,14 +27,19 @@ done
 
 python - "$PORT" <<'PY'
 import sys
+
 from openai import OpenAI
 
+from distill.teacher import load_teacher
+
+messages = [{"role": "user", "content": "What is the capital of France?"}]
 client = OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="none")
-reply = client.chat.completions.create(
-    model="smollm2-hybrid",
-    messages=[{"role": "user", "content": "What is the capital of France?"}],
-    max_tokens=48,
-    temperature=0,
-)
-print("assistant:", reply.choices[0].message.content)
+reply = client.chat.completions.create(model="smollm2-hybrid", messages=messages, max_tokens=48, temperature=0)
+print("hybrid  (vLLM):        ", reply.choices[0].message.content)
+
+teacher, tokenizer = load_teacher("smollm2-135m")
+prompt = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                   return_tensors="pt", add_special_tokens=False)
+answer = teacher.generate(**prompt, max_new_tokens=48, do_sample=False)
+print("teacher (transformers):", tokenizer.decode(answer[0, prompt.input_ids.shape[1]:], skip_special_tokens=True))
 PY

@@ -15,6 +15,7 @@ from distill.placement import uniform_softmax_layers
 from distill.selection import (
     Ranking,
     ScoreConfig,
+    ranking_agreement,
     ranking_from_scores,
     recall_accuracy,
     recall_task,
@@ -22,6 +23,7 @@ from distill.selection import (
     score_ablation,
     score_ga_s1,
     score_ga_s2,
+    score_kl_restore,
     uniform_ranking,
 )
 from distill.stages import EvalSet, Stage2Config, heldout_kl, restore_softmax, run_stage1
@@ -90,6 +92,35 @@ def test_ga_s2_skips_finished_candidates_on_rerun(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(selection, "run_stage2", lambda *a, **k: pytest.fail("a finished candidate ran again"))
     again = score_ga_s2(teacher, stage1, data, score_cfg(steps=1), tmp_path, CPU)
     assert again.scores == first.scores
+
+
+def test_kl_restore_is_ga_s2_at_step_zero_and_each_score_a_full_forward(setup, tmp_path):
+    """The cheap selector trains nothing: its score for layer l is GA-S2's first curve point, which is
+    the held-out KL of the Stage-1 model with l restored, computed by a full forward."""
+    teacher, _, data, stage1 = setup
+    cheap = score_kl_restore(teacher, stage1, data, score_cfg(), tmp_path / "cheap", CPU)
+    full = score_ga_s2(teacher, stage1, data, score_cfg(steps=1), tmp_path / "full", CPU)
+    eval_set = EvalSet.build(teacher, data, 2, CPU)
+    for layer in range(4):
+        assert cheap.scores[layer] == pytest.approx(full.curves[layer][0][1], rel=1e-6)
+        direct = heldout_kl(restore_softmax(stage1, teacher, [layer]), eval_set, CPU)
+        assert cheap.scores[layer] == pytest.approx(direct, rel=1e-5)
+    assert [cheap.scores[i] for i in cheap.order] == sorted(cheap.scores.values())
+    assert cheap.details["candidate_tokens"] == 0 and stage1.config.softmax_layers == []
+
+
+def test_ranking_agreement():
+    a = ranking_from_scores("ga-s2", {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}, True, "kl")
+    same = ranking_from_scores("kl-restore", {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}, True, "kl")
+    reverse = ranking_from_scores("ga-s1", {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}, False, "loss")
+    assert ranking_agreement(a, same, 2) == {"k": 2, "top_k": {"ga-s2": [0, 1], "kl-restore": [0, 1]},
+                                              "jaccard_top_k": 1.0, "spearman": 1.0}
+    opposite = ranking_agreement(a, reverse, 2)
+    assert opposite["spearman"] == -1.0 and opposite["jaccard_top_k"] == 0.0
+    one_swap = ranking_from_scores("x", {0: 0.1, 1: 0.3, 2: 0.2, 3: 0.4}, True, "kl")  # order 0, 2, 1, 3
+    agree = ranking_agreement(a, one_swap, 2)
+    assert agree["spearman"] == pytest.approx(1 - 6 * 2 / (4 * 15)) and agree["jaccard_top_k"] == pytest.approx(1 / 3)
+    assert ranking_agreement(a, uniform_ranking(4), 2)["spearman"] is None
 
 
 def test_rankings_give_prefixes_and_round_trip(tmp_path):

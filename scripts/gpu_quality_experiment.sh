@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Issue 15's experiment on one GPU: SmolLM2-135M (30 layers) -> one Stage 1 -> layer rankings (GA-S2, the
+# cheap kl-restore, GA-S1, the ablation probe) -> Stage 2 hybrids at 1/4 softmax -> `hybrid eval` of the
+# teacher and every hybrid. A checkpoint cannot leave the GPU machine, so every phase runs there, one
+# device call each, back to back while the machine is warm (it keeps /root/x between calls):
+#
+#   prep     carry [.whl, .device/smol.gguf.aa, .device/en-mix-train.jsonl.xz, .device/en-mix-validation.jsonl.xz]
+#   align    carry [.whl, .device/smol.gguf.ab, .device/smol.gguf.ac]   joins the GGUF; Stage 1; kl-restore ranking
+#   score    carry [.whl]       GA-S2, GA-S1 and ablation rankings
+#   distill  carry [.whl]       Stage 2 for each layer choice in $HYBRIDS (default: ga-s2 uniform)
+#   eval     carry [.whl]       hybrid eval: teacher + every finished hybrid; rankings and metrics to $OUT
+#
+# .device/ holds the SmolLM2 GGUF split with `split -b 40000000` and ../shared/data/en-mix-*.jsonl.xz.
+# Every step is resumable: a phase cut off by the call's limit continues when the same phase runs again.
+# Budgets: Stage 1 300 x 64 x 512 = 9.8M tokens; GA-S2 candidates 8 x 16 x 1024 = 131K tokens each;
+# Stage 2 300 x 16 x 2048 = 9.8M tokens per hybrid (0.68 epochs of the 14.5M-token mix each).
+set -uo pipefail
+PHASE=${1:?phase: prep | align | score | distill | eval}
+X=${X:-/root/x}             # DEVICE=cpu X=/tmp/qx EXTRA="--set ..." rehearses the phases on a CPU at toy budgets
+DEVICE=${DEVICE:-cuda}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HYBRID_CACHE=$X/cache TQDM_MININTERVAL=15
+OUT=${OUT:-$X/out}
+mkdir -p "$X" "$OUT" "$X/cache/downloads"
+LIMIT=${LIMIT:-570}   # seconds this call may spend on training before it returns (the call's limit is 600)
+DEADLINE=$(( $(date +%s) + LIMIT ))
+left() { echo $(( DEADLINE - $(date +%s) )); }
+
+DATA=$X/en-mix-train.jsonl.xz
+VALID=$X/en-mix-validation.jsonl.xz
+SETTINGS=(
+  --set eval_tokens=65536
+  --set stage1.steps=300 --set stage1.seq_len=512 --set stage1.batch=64 --set stage1.micro_batch=64
+  --set stage1.warmup_steps=15 --set stage1.save_every=50
+  --set score.candidate.train.steps=8 --set score.candidate.train.seq_len=1024
+  --set score.candidate.train.batch=16 --set score.candidate.train.micro_batch=16
+  --set score.candidate.train.eval_every=4 --set score.eval_blocks=16
+  --set stage2.train.steps=300 --set stage2.train.seq_len=2048 --set stage2.train.batch=16
+  --set stage2.train.micro_batch=16 --set stage2.train.save_every=50 --set stage2.train.eval_every=100
+  ${EXTRA:-}
+)
+hybrid() {
+  local t; t=$(left)
+  if (( t < 30 )); then echo "skipped (time): hybrid $*"; return 0; fi
+  local start=$SECONDS
+  timeout "$t" python3 -m distill.cli "$@" --teacher smollm2-135m --data "$DATA" \
+    --preset small --device "$DEVICE" --seed "${SEED:-0}" "${SETTINGS[@]}" 2>&1 | grep -v "it/s]\|s/it]"
+  echo "$(( SECONDS - start )) s: hybrid $*" | tee -a "$X/wall.log"
+}
+k_of() { python3 -c "import sys; from distill.placement import k_from_ratio; print(k_from_ratio(float(sys.argv[1]), 30))" "$1"; }
+
+case $PHASE in
+  prep)
+    cp .device/smol.gguf.aa .device/en-mix-train.jsonl.xz .device/en-mix-validation.jsonl.xz "$X/"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    python3 -c "import torch, transformers, gguf; from kernels.gdn import fla_available; \
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla', fla_available())"
+    ;;
+  align)
+    cat "$X/smol.gguf.aa" .device/smol.gguf.ab .device/smol.gguf.ac > "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
+    sha256sum "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
+    hybrid align --out "$X/stage1"
+    hybrid score --stage1 "$X/stage1" --selector kl-restore --k 8 --out "$X/rank-kl-restore"
+    ;;
+  score)
+    hybrid score --stage1 "$X/stage1" --selector ga-s2 --k 8 --out "$X/rank-ga-s2"
+    hybrid score --stage1 "$X/stage1" --selector ga-s1 --k 8 --out "$X/rank-ga-s1"
+    hybrid score --selector ablation --k 8 --out "$X/rank-ablation"
+    ;;
+  distill)
+    # NAME or NAME@RATIO; NAME is a selector whose ranking phase `score` wrote, or `uniform`
+    for spec in ${HYBRIDS:-ga-s2 uniform}; do
+      name=${spec%@*}; ratio=0.25; [[ $spec == *@* ]] && ratio=${spec#*@}
+      k=$(k_of "$ratio"); out="$X/hybrid-$name-k$k-s${SEED:-0}"
+      if [[ $name == uniform ]]; then
+        layers=$(python3 -c "from distill.placement import uniform_softmax_layers as u; print(','.join(map(str, u(30, $k))))")
+        hybrid distill --stage1 "$X/stage1" --softmax-layers "$layers" --out "$out"
+      else
+        hybrid distill --stage1 "$X/stage1" --ranking "$X/rank-$name/ranking.json" --k "$k" --out "$out"
+      fi
+    done
+    ;;
+  eval)
+    models=()
+    for d in "$X"/hybrid-*; do [[ -f $d/config.json ]] && models+=("${d#$X/hybrid-}=$d"); done
+    t=$(left)
+    timeout "$t" python3 -m distill.cli eval "${models[@]}" --teacher smollm2-135m --device "$DEVICE" \
+      --data "$VALID" --seq-len 1024 --eval-tokens ${EVAL_TOKENS:-65536} \
+      --tasks heldout passkey multikey assoc vartrack --lengths ${LENGTHS:-512 1024 2048 4096} --samples ${SAMPLES:-100} \
+      --out "$X/eval" 2>&1 | grep -v "it/s]\|s/it]"
+    # at most 8 files come back: the table and plot, and one archive of every JSON
+    R=$X/results; mkdir -p "$R"; cp "$X"/eval/results.* "$X/wall.log" "$R/" 2>/dev/null
+    for r in "$X"/rank-*/ranking.json; do n=${r%/ranking.json}; cp "$r" "$R/ranking-${n##*/rank-}.json"; done
+    for d in "$X"/stage1 "$X"/rank-* "$X"/hybrid-*; do
+      w=$d.work/metrics.json; [[ -f $w ]] && cp "$w" "$R/metrics-${d##*/}.json"
+    done
+    tar czf "$OUT/results.tgz" -C "$R" . && cp "$X"/eval/results.md "$X"/eval/results.png "$OUT/" 2>/dev/null
+    ls -la "$R"
+    ;;
+  *) echo "unknown phase $PHASE" >&2; exit 2 ;;
+esac

@@ -1,0 +1,40 @@
+"""`hybrid bench soak`'s verdict pieces on real processes and numbers (the full soak is a benchmark)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from bench.soak import MIB, MemorySample, memory_verdict, slope_per_hour, watch_load
+
+
+def _sleeper(seconds: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+
+
+def test_the_load_stops_when_the_server_exits():
+    load, server = _sleeper(120), _sleeper(0.5)
+    started = time.monotonic()
+    died_at = watch_load(load, server, started, deadline_s=60)
+    assert died_at is not None and died_at < 30
+    assert load.poll() is not None  # the load generator was stopped, not left hammering a dead port
+
+
+def test_a_load_that_ends_with_the_server_alive_reports_no_death():
+    load, server = _sleeper(0.5), _sleeper(120)
+    try:
+        assert watch_load(load, server, time.monotonic(), deadline_s=60) is None
+        assert load.returncode == 0
+    finally:
+        server.kill()
+
+
+def test_memory_verdict_ignores_the_warm_up_and_measures_the_slope():
+    # 200 MiB of growth in the first 10 minutes, then +30 MiB per hour: flat under a 64 MiB/h limit
+    samples = [MemorySample(t, 0, int((1000 + min(t, 600) / 3 + max(t - 600, 0) * 30 / 3600) * MIB))
+               for t in range(0, 3600, 10)]
+    verdict = memory_verdict(samples, warmup_s=600, max_growth_mib_per_hour=64)
+    assert verdict["flat"] and abs(verdict["pss_slope_mib_per_hour"] - 30) < 0.5
+    assert not memory_verdict(samples, warmup_s=0, max_growth_mib_per_hour=64)["flat"]
+    assert slope_per_hour([(0, 5.0), (1800, 5.0)]) == 0.0
