@@ -1,4 +1,5 @@
-"""`hybrid bench ...`: the benchmark subcommands. Light to import: runners load on use.
+"""`hybrid bench ...`: the benchmark subcommands. Runners load on use; each benchmark owns its arguments
+where it has a `python -m bench.X` entry point of its own (decode).
 
     hybrid bench compare --teacher T --hybrid H --out DIR     served teacher vs hybrid (vLLM + locust), CPU or GPU
     hybrid bench decode  --out DIR                             model-level decode tokens/s on a GPU
@@ -42,6 +43,8 @@ def register(subparsers) -> None:
         description="Model-level decode benchmark in our transformers implementation at each context, at batch 1 "
         "and at the largest batch whose cache fits one memory budget. Random weights of the teacher's shape.",
     )
+    from bench.decode import add_arguments as add_decode_arguments
+
     add_decode_arguments(p)
     p.set_defaults(func=_run_decode)
 
@@ -133,29 +136,6 @@ def _run_compare(args: argparse.Namespace) -> None:
 
 
 # ---- decode ----------------------------------------------------------------------------------
-
-
-def add_decode_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", default="smollm2-135m",
-                   help="shape preset (smollm2-135m, tiny) or a teacher checkpoint dir (its config only)")
-    p.add_argument("--hybrid", default=None, help="hybrid checkpoint dir (config only); default: teacher at --ratio")
-    p.add_argument("--ratio", type=float, default=0.25, help="softmax fraction of the derived hybrid (default 0.25)")
-    p.add_argument("--contexts", default="128,2048,8192,32768", help="comma-separated context lengths")
-    p.add_argument("--batches", default="1,max", help="comma-separated batch sizes or 'max' (largest in budget)")
-    p.add_argument("--budget-gib", type=float, default=40.0, help="cache memory budget per model, GiB (default 40)")
-    p.add_argument("--max-batch", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=20, help="graph replays per timing repeat")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--gdn-step", default="auto", choices=["auto", "triton", "model", "torch"],
-                   help="GDN decode kernel: triton = kernels.gdn_decode (in place), model = the mixer's dispatch (fla)")
-    p.add_argument("--no-graphs", action="store_true", help="eager timing only")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile-context", type=int, default=None,
-                   help="also profile one eager step's kernels at this context (largest batch)")
-    p.add_argument("--note", default=None, help="free text stored with the result (how/where it was run)")
-    p.add_argument("--out", type=Path, required=True, help="directory for decode.json, report and plots")
 
 
 def _run_decode(args: argparse.Namespace) -> None:

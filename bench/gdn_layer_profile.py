@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from bench.sanity_single_gdn import align_one_layer
-from distill.config import FULL_ATTENTION, LINEAR_ATTENTION
 from distill.data import DataSpec, prepare_data
 from distill.distributed import init_runtime
+from distill.model.config import FULL_ATTENTION, LINEAR_ATTENTION
+from distill.model.teacher import load_teacher
+from distill.model.transfer import hybrid_from_teacher
 from distill.stages import capture_attention
-from distill.teacher import load_teacher
 from distill.train import TrainConfig
-from distill.transfer import hybrid_from_teacher
 
 
 @torch.no_grad()

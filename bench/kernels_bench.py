@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from distill.provenance import package_versions  # noqa: E402
 from kernels.gdn import naive_recurrent_gated_delta_rule  # noqa: E402
 from kernels.gdn_decode import _gdn_decode_step_triton, decode_launch_config, gdn_decode_step  # noqa: E402
 from kernels.kl import auto_chunk_tokens, fused_linear_kl, naive_kl  # noqa: E402
@@ -482,17 +483,7 @@ def decode_sweep() -> str:
 
 
 def header(argv: list[str]) -> str:
-    versions = {"torch": torch.__version__}
-    for mod in ("triton", "fla", "liger_kernel"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            try:
-                from importlib.metadata import version
-
-                versions[mod] = version({"fla": "fla-core", "liger_kernel": "liger-kernel"}.get(mod, mod))
-            except Exception:  # noqa: BLE001
-                versions[mod] = "not installed"
+    versions = package_versions(("torch", "triton", "fla-core", "liger-kernel"))
     props = torch.cuda.get_device_properties(0)
     return (
         "# kernels/ benchmark: fused linear + KL, GDN decode step\n\n"

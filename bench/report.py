@@ -103,7 +103,7 @@ def render_decode_report(result: dict, out_dir: Path, prefix: str = "decode", ex
         *_provenance(result),
         f"- Models: random weights with the shape of `{cfg['teacher']}`; teacher = all {models['teacher']['layers']} "
         f"layers softmax; hybrid = softmax at layers {models['hybrid']['softmax_layers']}, Gated DeltaNet elsewhere. "
-        f"Same `transformers` implementation (`distill.modeling.HybridForCausalLM`) for both.",
+        f"Same `transformers` implementation (`distill.model.modeling.HybridForCausalLM`) for both.",
         f"- Cache budget: {cfg['budget_gib']:g} GiB of KV/state per model; batch `max` = the most sequences whose "
         f"cache fits it (capped at {cfg['max_batch']}). {cfg['dtype']} weights and KV, {cfg['state_dtype']} GDN state, "
         f"GDN step: `{result['gdn_step']}`.",

@@ -25,18 +25,18 @@ from pathlib import Path
 
 import torch
 
-from distill.config import FULL_ATTENTION, LINEAR_ATTENTION
 from distill.data import BlockOrder, DataSpec, PackedData, batch_for_step, prepare_data
 from distill.distributed import Runtime, init_runtime
 from distill.eval_recall import score_recall
-from distill.evaluate import heldout_scores
 from distill.eval_results import HeldoutScore, RecallScore
-from distill.modeling import HybridForCausalLM
+from distill.evaluate import EvalSet, heldout_scores
+from distill.model.config import FULL_ATTENTION, LINEAR_ATTENTION
+from distill.model.modeling import HybridForCausalLM
+from distill.model.teacher import load_teacher
+from distill.model.transfer import hybrid_from_teacher
 from distill.recall_tasks import RecallTaskSpec, build_recall_task
-from distill.stages import EvalSet, Stage2Config, alignment_loss, capture_attention, run_stage2
-from distill.teacher import load_teacher
+from distill.stages import Stage2Config, alignment_loss, capture_attention, run_stage2
 from distill.train import TrainConfig, train
-from distill.transfer import hybrid_from_teacher
 
 
 @dataclass

@@ -22,10 +22,10 @@ import torch
 
 from distill.data import DataSpec, prepare_data
 from distill.distributed import init_runtime
+from distill.evaluate import EvalSet, heldout_kl
+from distill.model.teacher import load_teacher
 from distill.pipeline import load_hybrid
 from distill.selection import recall_accuracy, recall_task, recall_vocabulary
-from distill.stages import EvalSet, heldout_kl
-from distill.teacher import load_teacher
 
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

@@ -18,15 +18,16 @@ import json
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
 
-from bench.compare import LOCUSTFILE, machine_description, process_tree_memory, versions
+from bench.compare import LOCUSTFILE
 from bench.metrics import CUT_OFF, read_records, summarize
+from bench.sampling import Sampler, process_tree_memory
+from distill.provenance import cpu_description, package_versions
 from serve.launch import free_port, spawn_server, stop_process_group, wait_healthy
 
 MIB = 2**20
@@ -56,27 +57,6 @@ class MemorySample:
     t: float  # seconds since the load started
     rss_bytes: int
     pss_bytes: int
-
-
-class MemorySampler(threading.Thread):
-    def __init__(self, pid: int, interval_s: float):
-        super().__init__(daemon=True)
-        self.pid, self.interval_s = pid, interval_s
-        self.samples: list[MemorySample] = []
-        self.started = time.monotonic()
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.is_set():
-            memory = process_tree_memory(self.pid)
-            if memory:
-                self.samples.append(MemorySample(time.monotonic() - self.started, memory["rss_bytes"], memory["pss_bytes"]))
-            self._done.wait(self.interval_s)
-
-    def stop(self) -> list[MemorySample]:
-        self._done.set()
-        self.join(timeout=30)
-        return self.samples
 
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float:
@@ -144,12 +124,12 @@ def run_soak(cfg: SoakConfig) -> dict:
     records.unlink(missing_ok=True)
     try:
         startup_s = wait_healthy(proc, url, cfg.startup_timeout_s, cfg.out / "server.log")
-        sampler = MemorySampler(proc.pid, cfg.interval_s)
+        sampler = Sampler(lambda: process_tree_memory(proc.pid), cfg.interval_s)
         sampler.start()
         with open(cfg.out / "locust.log", "w") as log:
             locust = subprocess.Popen(locust_argv(cfg, url, records), stdout=log, stderr=subprocess.STDOUT)
             server_died_at_s = watch_load(locust, proc, sampler.started, deadline_s=cfg.duration_s + 300)
-        samples = sampler.stop()
+        samples = [MemorySample(t, memory["rss_bytes"], memory["pss_bytes"]) for t, memory in sampler.stop()]
         with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
             healthy_after = proc.poll() is None and http.get("/health").status_code == 200
     finally:
@@ -164,8 +144,8 @@ def run_soak(cfg: SoakConfig) -> dict:
     result = {
         "config": {**asdict(cfg), "out": str(cfg.out)},
         "date": datetime.date.today().isoformat(),
-        "machine": machine_description(),
-        "versions": versions(),
+        "machine": cpu_description(),
+        "versions": package_versions(),
         "server_command": shlex.join(server_argv),
         "locust_command": shlex.join(locust_argv(cfg, url, records)),
         "startup_s": round(startup_s, 1),

@@ -160,15 +160,16 @@ def main() -> None:
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from distill.config import LINEAR_ATTENTION
+    from distill.model.config import LINEAR_ATTENTION
     from distill.data import PackedData
     from distill.distributed import init_runtime
-    from distill.gdn_mixer import set_gdn_backend
+    from distill.model.gdn_mixer import set_gdn_backend
     from distill.placement import k_from_ratio, uniform_softmax_layers
-    from distill.stages import Stage2Config, restore_softmax, run_stage1, run_stage2
-    from distill.teacher import load_teacher
+    from distill.model.transfer import restore_softmax
+    from distill.stages import Stage2Config, run_stage1, run_stage2
+    from distill.model.teacher import load_teacher
     from distill.train import TrainConfig
-    from distill.transfer import hybrid_from_teacher
+    from distill.model.transfer import hybrid_from_teacher
     from kernels.gdn import describe_gdn_backend, resolve_gdn_backend
 
     runtime = init_runtime()

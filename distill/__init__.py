@@ -1,15 +1,9 @@
 """Offline conversion of a softmax-attention LLM into a Gated DeltaNet hybrid.
 
-Importing `distill` registers the hybrid with transformers' Auto classes, so
-`AutoModelForCausalLM.from_pretrained(checkpoint)` works for every checkpoint we write.
+`distill.model` is the architecture (what a checkpoint is); the other modules are the method that
+makes one. Importing `distill` registers the hybrid with transformers' Auto classes (see distill.model).
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from distill.config import HybridConfig
-from distill.modeling import HybridForCausalLM
-
-AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
-AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
+from distill.model import HybridConfig, HybridForCausalLM
 
 __all__ = ["HybridConfig", "HybridForCausalLM"]

@@ -55,14 +55,14 @@ def add_init(subparsers) -> None:
 def run_init(args: argparse.Namespace) -> None:
     import torch
 
-    from distill.checkpoint import save_hybrid
+    from distill.atomic_io import check_output_dir
+    from distill.model.checkpoint import save_hybrid
     from distill.placement import k_from_ratio, layer_types_for, parse_layer_list, uniform_softmax_layers
-    from distill.teacher import load_teacher
-    from distill.transfer import hybrid_from_teacher
+    from distill.model.teacher import load_teacher
+    from distill.model.transfer import hybrid_from_teacher
 
     out = args.out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"output directory {out} already exists and is not empty (pass --overwrite to replace it)")
+    check_output_dir(out, args.overwrite)
     teacher, tokenizer = load_teacher(args.teacher, dtype=getattr(torch, args.dtype))
     num_layers = teacher.config.num_hidden_layers
     if args.softmax_layers is not None:
@@ -85,7 +85,7 @@ def add_info(subparsers) -> None:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from distill.config import HybridConfig
+    from distill.model.config import HybridConfig
 
     if not (args.checkpoint / "config.json").is_file():
         raise UserError(f"{args.checkpoint} has no config.json (expected a hybrid checkpoint directory)")

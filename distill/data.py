@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.checkpoint import atomic_directory
+from distill.atomic_io import atomic_directory
 from distill.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -370,7 +370,7 @@ class PackedData:
 
 
 def data_cache_root() -> Path:
-    from distill.teacher import cache_root
+    from distill.model.teacher import cache_root
 
     return cache_root() / "data"
 

@@ -25,9 +25,8 @@ from distill.eval_harness import HarnessSpec, ServerTarget, checkpoint_model_arg
 from distill.eval_recall import score_recall
 from distill.eval_report import write_markdown, write_outputs
 from distill.eval_results import EvalReport, ModelReport
-from distill.evaluate import heldout_scores
+from distill.evaluate import EvalSet, heldout_scores
 from distill.recall_tasks import RecallSample, RecallTaskSpec, build_recall_task
-from distill.stages import EvalSet
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ def _teacher_spec(req: EvalRequest) -> str | None:
 
 def _teacher_harness_path(spec: str) -> str | None:
     """What lm-eval's `hf` model can load for the teacher (None for a .gguf file)."""
-    from distill.teacher import SMOLLM2_ALIAS, smollm2_checkpoint
+    from distill.model.teacher import SMOLLM2_ALIAS, smollm2_checkpoint
 
     if spec == SMOLLM2_ALIAS:
         return str(smollm2_checkpoint())
@@ -126,7 +125,7 @@ def _teacher_harness_path(spec: str) -> str | None:
 def heldout_overlap_warnings(config, eval_tokens: int) -> list[str]:
     """A conversion held out the first `eval_tokens` of its --data (by content hash); asking for more here
     scores text it may have trained on. Only convert's provenance names its preset, hence its eval_tokens."""
-    from distill.pipeline import PRESETS
+    from distill.presets import PRESETS
 
     preset = ((getattr(config, "provenance", None) or {}).get("preset"))
     if preset not in PRESETS:
@@ -191,7 +190,7 @@ class Evaluation:
         return self.report
 
     def _run_teacher(self, spec: str) -> None:
-        from distill.teacher import load_teacher
+        from distill.model.teacher import load_teacher
 
         teacher, tokenizer = load_teacher(spec)
         teacher = teacher.to(self.runtime.device).eval().requires_grad_(False)

@@ -20,221 +20,47 @@ import copy
 import datetime
 import json
 import logging
-import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
-from distill.checkpoint import atomic_directory, save_hybrid
-from distill.config import LINEAR_ATTENTION
+from distill.atomic_io import atomic_directory, check_output_dir, write_json_atomic
 from distill.data import DataSpec, PackedData, prepare_data, resolve_sources
 from distill.distributed import Runtime
 from distill.errors import UserError
-from distill.modeling import HybridForCausalLM
+from distill.evaluate import EvalSet, heldout_kl
+from distill.model.checkpoint import save_hybrid
+from distill.model.config import LINEAR_ATTENTION
+from distill.model.modeling import HybridForCausalLM
+from distill.model.teacher import load_teacher
+from distill.model.transfer import hybrid_from_teacher, restore_softmax
 from distill.placement import k_from_ratio
+from distill.presets import Preset, get_preset
 from distill.report import ReportInputs, plot_curves, plot_scores, write_report
 from distill.selection import (
     RANKING_FILE,
     SELECTORS,
     Ranking,
-    ScoreConfig,
     score_ablation,
     score_ga_s1,
     score_ga_s2,
     score_kl_restore,
     uniform_ranking,
 )
-from distill.stages import EvalSet, Stage2Config, heldout_kl, restore_softmax, run_stage1, run_stage2, run_stage3
-from distill.teacher import load_teacher
-from distill.train import CHECKPOINT, TrainConfig, read_log
-from distill.transfer import hybrid_from_teacher
+from distill.stages import run_stage1, run_stage2, run_stage3
+from distill.train import CHECKPOINT, read_log
 
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
-# Presets
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    eval_tokens: int  # held-out tokens (the same documents for every stage)
-    eval_batch: int  # held-out blocks per forward
-    stage1: TrainConfig
-    score: ScoreConfig
-    stage2: Stage2Config
-    stage3: TrainConfig  # steps=0: no Stage 3
-    align_loss: str = "l2"  # Stage 1: "l2" (||t - s|| / sqrt(d), the reference) or "mse"
-
-    @property
-    def seq_lens(self) -> list[int]:
-        lens = {self.stage1.seq_len, self.score.candidate.train.seq_len, self.stage2.train.seq_len}
-        if self.stage3.steps:
-            lens.add(self.stage3.seq_len)
-        return sorted(lens)
-
-
-def _demo() -> Preset:
-    """SmolLM2-135M (30 layers) on 2 CPU cores in well under 20 minutes: enough to exercise every step, not
-    to make a good model. Budgets are ~10^4 x smaller than the reference, so Stage 1 uses LR 5e-3
-    (at 1e-3 a dozen steps barely move the all-linear KL); Stage 2 keeps the reference LRs."""
-    seq = 256
-    return Preset(
-        name="demo",
-        eval_tokens=2 * seq,
-        eval_batch=2,
-        stage1=TrainConfig(steps=8, seq_len=seq, batch=2, micro_batch=2, lr=5e-3, schedule="cosine", save_every=4),
-        score=ScoreConfig(  # 30 candidates: one step of 128 tokens each, scored on 256 held-out tokens
-            candidate=Stage2Config(TrainConfig(steps=1, seq_len=seq // 2, batch=1, micro_batch=1, lr=1e-4,
-                                               schedule="constant")),
-            eval_batch=2, eval_blocks=2, recall_samples=16, recall_pairs=12,
-        ),
-        stage2=Stage2Config(TrainConfig(steps=6, seq_len=seq, batch=2, micro_batch=2, lr=1e-4, schedule="constant", save_every=3)),
-        stage3=TrainConfig(steps=0, seq_len=seq, batch=2, micro_batch=2, lr=1e-5, schedule="constant", save_every=6),
-    )
-
-
-def _small() -> Preset:
-    """One GPU, a ~100M-3B teacher: 20M Stage-1 tokens, 0.5M tokens per candidate, 65M Stage-2 tokens."""
-    return Preset(
-        name="small",
-        eval_tokens=32 * 2048,
-        eval_batch=8,
-        stage1=TrainConfig(steps=400, seq_len=512, batch=96, micro_batch=16, lr=1e-3, warmup_steps=20, save_every=50),
-        score=ScoreConfig(
-            candidate=Stage2Config(TrainConfig(steps=32, seq_len=1024, batch=16, micro_batch=8, lr=1e-4,
-                                               schedule="constant", eval_every=8)),
-            eval_batch=8,
-        ),
-        stage2=Stage2Config(TrainConfig(steps=1000, seq_len=2048, batch=32, micro_batch=8, lr=1e-4,
-                                        schedule="constant", save_every=100, eval_every=100)),
-        stage3=TrainConfig(steps=0, seq_len=4096, batch=16, micro_batch=2, lr=1e-5, schedule="constant", save_every=100),
-    )
-
-
-def _paper() -> Preset:
-    """The reference budgets: Stage 1 100M tokens (seq 512, batch 96, LR 1e-3 cosine); Stage 2 600M
-    tokens (seq 4096, batch 32, LRs 1e-4 / 7e-6 constant); ~13M tokens per GA-S2 candidate."""
-    return Preset(
-        name="paper",
-        eval_tokens=64 * 4096,
-        eval_batch=8,
-        stage1=TrainConfig(steps=2035, seq_len=512, batch=96, micro_batch=32, lr=1e-3, warmup_steps=50, save_every=100,
-                           eval_every=500),
-        score=ScoreConfig(
-            candidate=Stage2Config(TrainConfig(steps=100, seq_len=4096, batch=32, micro_batch=4, lr=1e-4,
-                                               schedule="constant", eval_every=25)),
-            eval_batch=8,
-        ),
-        stage2=Stage2Config(TrainConfig(steps=4578, seq_len=4096, batch=32, micro_batch=4, lr=1e-4,
-                                        schedule="constant", save_every=100, eval_every=500)),
-        stage3=TrainConfig(steps=0, seq_len=16384, batch=8, micro_batch=1, lr=1e-5, schedule="constant", save_every=100),
-    )
-
-
-PRESETS = {"demo": _demo, "small": _small, "paper": _paper}
-
-# Training tokens/s measured for SmolLM2-135M at 8 x 2048 tokens per micro-batch on the default GDN path
-# (bench/results/train_throughput.md, 2026-12-05). Only an H200 could be had that day; an H100 runs the
-# same kernels somewhat slower. GA-S2 candidates are Stage-2 runs; Stage 3 is plain fine-tuning.
-MEASURED_TOK_S = {"stage1": 56_354.0, "stage2": 39_652.0, "stage3": 124_220.0}
-MEASURED_ON = "one H200, SmolLM2-135M, 8 x 2048 tokens per micro-batch, bench/results/train_throughput.md"
-
-
-def preset_budget(preset: Preset, num_layers: int = 30, tok_s: dict[str, float] | None = None) -> list[dict]:
-    """Per stage: tokens per optimiser step, steps, tokens, and GPU-minutes at the measured throughput
-    (GA-S2: `num_layers` candidate runs; SmolLM2-135M has 30)."""
-    tok_s = tok_s or MEASURED_TOK_S
-    stages = [("stage 1 align", preset.stage1, 1, "stage1"),
-              (f"GA-S2 candidates ({num_layers} x)", preset.score.candidate.train, num_layers, "stage2"),
-              ("stage 2 distill", preset.stage2.train, 1, "stage2"),
-              ("stage 3 finetune", preset.stage3, 1, "stage3")]
-    rows = []
-    for name, cfg, runs, speed in stages:
-        tokens = runs * cfg.tokens
-        minutes = tokens / tok_s[speed] / 60 if tok_s[speed] else None
-        rows.append({"stage": name, "tokens_per_step": cfg.batch * cfg.seq_len, "steps": runs * cfg.steps,
-                     "tokens": tokens, "gpu_minutes": None if minutes is None else round(minutes, 1)})
-    return rows
-
-
-def format_preset_budget(preset: Preset, num_layers: int = 30) -> str:
-    """The budget table `hybrid presets` prints under a preset's settings."""
-    lines = [f"{preset.name}: GPU-minutes at the measured throughput ({MEASURED_ON})",
-             f"{'stage':<28}{'tokens/step':>12}{'steps':>8}{'tokens':>14}{'GPU-min':>9}"]
-    rows = preset_budget(preset, num_layers)
-    for r in rows:
-        minutes = "-" if r["gpu_minutes"] is None else f"{r['gpu_minutes']:.1f}"
-        lines.append(f"{r['stage']:<28}{r['tokens_per_step']:>12,}{r['steps']:>8,}{r['tokens']:>14,}{minutes:>9}")
-    total = sum(r["gpu_minutes"] or 0 for r in rows)
-    lines.append(f"{'total':<62}{total:>9.1f}")
-    if preset.name == "paper":
-        lines.append("reference recipe (DESIGN.md 2.2): Stage 1 100M tokens (seq 512, batch 96), Stage 2 600M tokens "
-                     "(seq 4096, batch 32) - matched; the per-candidate GA-S2 budget (100 steps x 32 x 4096 = 13.1M "
-                     "tokens) is ours: the reference states none")
-    return "\n".join(lines)
-
-
-def get_preset(name: str, overrides: list[str] | None = None, seed: int | None = None) -> Preset:
-    """A preset by name with `path.to.field=value` overrides, e.g. stage2.train.steps=10."""
-    if name not in PRESETS:
-        raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    preset = PRESETS[name]()
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. stage2.train.steps=10")
-        preset = _override(preset, key.strip().split("."), value.strip(), key)
-    if seed is not None:
-        preset = replace(
-            preset,
-            stage1=replace(preset.stage1, seed=seed),
-            score=replace(preset.score, candidate=replace(preset.score.candidate, train=replace(preset.score.candidate.train, seed=seed))),
-            stage2=replace(preset.stage2, train=replace(preset.stage2.train, seed=seed)),
-            stage3=replace(preset.stage3, seed=seed),
-        )
-    return preset
-
-
-def _override(obj, path: list[str], value: str, full_key: str):
-    names = {f.name: f for f in fields(obj)}
-    if path[0] not in names:
-        raise UserError(f"--set {full_key}: {type(obj).__name__} has no field {path[0]!r} (fields: {', '.join(names)})")
-    current = getattr(obj, path[0])
-    if len(path) > 1:
-        if not is_dataclass(current):
-            raise UserError(f"--set {full_key}: {path[0]!r} is not a group of settings")
-        return replace(obj, **{path[0]: _override(current, path[1:], value, full_key)})
-    if is_dataclass(current):
-        raise UserError(f"--set {full_key}: name a field inside {path[0]!r}, e.g. {full_key}.steps=10")
-    kind = type(current)
-    try:
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            parsed = value.lower() in ("true", "1")
-        else:
-            parsed = kind(value)
-    except ValueError:
-        raise UserError(f"--set {full_key}={value}: expected a {kind.__name__}") from None
-    return replace(obj, **{path[0]: parsed})
-
-
-# ---------------------------------------------------------------------------------------------
 # One run: teacher, data, work dir, metrics
 # ---------------------------------------------------------------------------------------------
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def is_done(model_dir: Path) -> bool:
@@ -247,55 +73,83 @@ def load_hybrid(path: Path, runtime: Runtime) -> HybridForCausalLM:
     return HybridForCausalLM.from_pretrained(path, dtype=torch.float32).to(runtime.device).eval()
 
 
-@dataclass
-class Session:
-    teacher_spec: str
-    data_sources: tuple[str, ...]
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run is: its teacher, data and budgets, and where its resumable state lives."""
+
+    teacher: str | None
+    data: tuple[str, ...]
     preset: Preset
-    runtime: Runtime
     work_dir: Path
     seed: int = 0
     text_field: str = "text"
-    teacher: nn.Module | None = None
-    tokenizer: object = None
+
+
+@dataclass
+class Session:
+    """A started run: its spec, the loaded teacher and tokenizer, and what is computed once per run
+    (tokenised data, held-out sets, the Stage-0 model). Made by `open` or `without_teacher`, never
+    half-started."""
+
+    spec: RunSpec
+    runtime: Runtime
+    teacher: nn.Module | None  # None only for a Stage-3 run without a teacher
+    tokenizer: PreTrainedTokenizerBase
     _data: dict[int, PackedData] = field(default_factory=dict)
     _eval: dict[int, EvalSet] = field(default_factory=dict)
     stage0: HybridForCausalLM | None = None  # kept in memory after building it, for the Stage-0 KL
 
     # ---- setup ---------------------------------------------------------------------------
-    def start(self, identity: dict) -> None:
+    @classmethod
+    def open(cls, spec: RunSpec, runtime: Runtime, identity: dict) -> Session:
         """Check the work dir belongs to this run, load the teacher, tokenise every data set needed."""
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        run_file = self.work_dir / "run.json"
+        spec.work_dir.mkdir(parents=True, exist_ok=True)
+        run_file = spec.work_dir / "run.json"
         if run_file.is_file():
             previous = json.loads(run_file.read_text())
             diffs = [k for k in identity if previous.get(k) != identity[k]]
             if diffs:
                 k = diffs[0]
                 raise UserError(
-                    f"work dir {self.work_dir} belongs to another run: {k} was {previous.get(k)!r}, now {identity[k]!r}; "
+                    f"work dir {spec.work_dir} belongs to another run: {k} was {previous.get(k)!r}, now {identity[k]!r}; "
                     "use another --work-dir, or delete it to start over"
                 )
         # the first load may download and convert the teacher: process 0 does it, the others wait
-        if not self.runtime.is_main:
-            self.runtime.barrier()
-        teacher, tokenizer = load_teacher(self.teacher_spec)
-        if self.runtime.is_main:
-            self.runtime.barrier()
-        self.teacher = teacher.to(self.runtime.device).eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        log_gdn_path(self.runtime)
-        for seq_len in self.preset.seq_lens:  # all data problems surface here, before any training
-            self.data(seq_len)
-        if self.runtime.is_main and not run_file.is_file():
-            _atomic_json(run_file, identity)
+        if not runtime.is_main:
+            runtime.barrier()
+        teacher, tokenizer = load_teacher(spec.teacher)
+        if runtime.is_main:
+            runtime.barrier()
+        session = cls(spec, runtime, teacher.to(runtime.device).eval().requires_grad_(False), tokenizer)
+        log_gdn_path(runtime)
+        for seq_len in spec.preset.seq_lens:  # all data problems surface here, before any training
+            session.data(seq_len)
+        if runtime.is_main and not run_file.is_file():
+            write_json_atomic(run_file, identity)
+        return session
+
+    @classmethod
+    def without_teacher(cls, spec: RunSpec, runtime: Runtime, tokenizer: PreTrainedTokenizerBase) -> Session:
+        """A Stage-3 run with no teacher: the model's own tokenizer, the Stage-3 data only."""
+        spec.work_dir.mkdir(parents=True, exist_ok=True)
+        session = cls(spec, runtime, None, tokenizer)
+        session.data(spec.preset.stage3.seq_len)
+        return session
+
+    @property
+    def preset(self) -> Preset:
+        return self.spec.preset
+
+    @property
+    def work_dir(self) -> Path:
+        return self.spec.work_dir
 
     def data(self, seq_len: int) -> PackedData:
         if seq_len not in self._data:
-            sources = resolve_sources(self.data_sources)
+            sources = resolve_sources(self.spec.data)
             streamed = any(s.kind == "hf" for s in sources)
-            spec = DataSpec(self.data_sources, seq_len, self.preset.eval_tokens,
-                            self._tokens_needed() if streamed else None, self.text_field)
+            spec = DataSpec(self.spec.data, seq_len, self.preset.eval_tokens,
+                            self._tokens_needed() if streamed else None, self.spec.text_field)
             if self.runtime.is_main:
                 prepare_data(spec, self.tokenizer)
             self.runtime.barrier()
@@ -323,7 +177,7 @@ class Session:
         metrics = self.metrics()
         metrics.setdefault(section, {})[key] = value
         if self.runtime.is_main:
-            _atomic_json(self.work_dir / "metrics.json", metrics)
+            write_json_atomic(self.work_dir / "metrics.json", metrics)
         self.runtime.barrier()
 
     def kl_once(self, label: str, build) -> None:
@@ -344,8 +198,8 @@ class Session:
     def build_stage0(self) -> HybridForCausalLM:
         if self.stage0 is None:
             L = self.teacher.config.num_hidden_layers
-            provenance = {"teacher": self.teacher_spec, "tokens": {}}
-            self.stage0 = hybrid_from_teacher(self.teacher, [LINEAR_ATTENTION] * L, provenance, seed=self.seed)
+            provenance = {"teacher": self.spec.teacher, "tokens": {}}
+            self.stage0 = hybrid_from_teacher(self.teacher, [LINEAR_ATTENTION] * L, provenance, seed=self.spec.seed)
             self.stage0.to(self.runtime.device)
         return self.stage0
 
@@ -486,17 +340,17 @@ class ConvertRequest:
 
 def convert(req: ConvertRequest, runtime: Runtime) -> Path:
     out = Path(req.out)
-    if out.exists() and any(out.iterdir()) and not req.overwrite:
-        raise UserError(f"output directory {out} already exists and is not empty (pass --overwrite to replace it)")
+    check_output_dir(out, req.overwrite)
     if (req.ratio is None) == (req.k is None):
         raise UserError("pass exactly one of --ratio or --k")
     if req.selector not in SELECTORS:
         raise UserError(f"--selector must be one of {', '.join(SELECTORS)}, got {req.selector!r}")
     preset = get_preset(req.preset, list(req.overrides), req.seed)
     work_dir = Path(req.work_dir) if req.work_dir else out.with_name(out.name + ".work")
-    s = Session(req.teacher, tuple(req.data), preset, runtime, work_dir, req.seed, req.text_field)
-    with _timed(s, "load teacher + data"):
-        s.start(req.identity(preset))
+    t0 = time.perf_counter()
+    s = Session.open(RunSpec(req.teacher, tuple(req.data), preset, work_dir, req.seed, req.text_field), runtime,
+                     req.identity(preset))
+    s.record("seconds", "load teacher + data", time.perf_counter() - t0)
     L = s.teacher.config.num_hidden_layers
     k = req.k if req.k is not None else k_from_ratio(req.ratio, L)
     if not 0 <= k <= L:
@@ -519,7 +373,7 @@ def convert(req: ConvertRequest, runtime: Runtime) -> Path:
             model.save_pretrained(tmp)
             s.tokenizer.save_pretrained(tmp)
             ranking.save(tmp / RANKING_FILE)
-            _atomic_json(tmp / "metrics.json", metrics)
+            write_json_atomic(tmp / "metrics.json", metrics)
             (tmp / "logs").mkdir()
             for d in ("stage1", "stage2", "stage3"):
                 if (work_dir / d / "log.jsonl").is_file():
@@ -552,4 +406,4 @@ def save_ranking_outputs(ranking: Ranking, out: Path, k: int | None = None) -> N
         plot_curves(ranking, chosen, tmp / "score_curves.png")
 
 
-__all__ = ["Preset", "PRESETS", "get_preset", "preset_budget", "format_preset_budget", "Session", "ConvertRequest", "convert"]
+__all__ = ["RunSpec", "Session", "ConvertRequest", "convert"]

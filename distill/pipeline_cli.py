@@ -102,19 +102,29 @@ def _runtime(args):
 
 
 def _check_out(args) -> None:
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise UserError(f"output directory {args.out} already exists and is not empty (pass --overwrite to replace it)")
+    from distill.atomic_io import check_output_dir
+
+    check_output_dir(args.out, args.overwrite)
 
 
-def _session(args, runtime, command: str, extra: dict):
-    from distill.pipeline import Session, get_preset
+def _run_spec(args, command: str, extra: dict):
+    """The run the arguments describe, and what a rerun must match to continue its work dir."""
+    from distill.pipeline import RunSpec
+    from distill.presets import get_preset
 
     preset = get_preset(args.preset, args.overrides, args.seed)
     work_dir = args.work_dir or args.out.with_name(args.out.name + ".work")
-    s = Session(args.teacher, tuple(args.data), preset, runtime, work_dir, args.seed, args.text_field)
+    spec = RunSpec(args.teacher, tuple(args.data), preset, work_dir, args.seed, args.text_field)
     identity = {"command": command, "teacher": args.teacher, "data": list(args.data), "seed": args.seed,
                 "preset": json.loads(json.dumps(_asdict(preset))), **extra}
-    return s, identity
+    return spec, identity
+
+
+def _session(args, runtime, command: str, extra: dict):
+    from distill.pipeline import Session
+
+    spec, identity = _run_spec(args, command, extra)
+    return Session.open(spec, runtime, identity)
 
 
 def _asdict(obj):
@@ -130,7 +140,7 @@ def _finish(runtime) -> None:
 
 
 def run_presets(args) -> None:
-    from distill.pipeline import format_preset_budget, get_preset
+    from distill.presets import format_preset_budget, get_preset
 
     preset = get_preset(args.name)
     print(json.dumps(_asdict(preset), indent=2))
@@ -158,7 +168,7 @@ def run_convert(args) -> None:
 
 def _save_stage_output(s, model, out: Path, stage: str, with_metrics: bool = True) -> None:
     """The stage's model, the teacher's tokenizer, its training log and (optionally) metrics, atomically."""
-    from distill.checkpoint import atomic_directory
+    from distill.atomic_io import atomic_directory
 
     with atomic_directory(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
@@ -173,8 +183,7 @@ def run_align(args) -> None:
 
     _check_out(args)
     runtime = _runtime(args)
-    s, identity = _session(args, runtime, "align", {})
-    s.start(identity)
+    s = _session(args, runtime, "align", {})
     model = step_stage1(s)
     if runtime.is_main:
         _save_stage_output(s, model, args.out, "stage1")
@@ -189,8 +198,7 @@ def run_score(args) -> None:
         raise UserError(f"--selector {args.selector} needs --stage1 DIR (the output of `hybrid align`)")
     _check_out(args)
     runtime = _runtime(args)
-    s, identity = _session(args, runtime, "score", {"selector": args.selector, "stage1": str(args.stage1)})
-    s.start(identity)
+    s = _session(args, runtime, "score", {"selector": args.selector, "stage1": str(args.stage1)})
     stage1 = load_hybrid(args.stage1, runtime) if args.stage1 else None
     if stage1 is not None and stage1.config.softmax_layers:
         raise UserError(f"--stage1 {args.stage1} is not all-linear (softmax layers {stage1.config.softmax_layers})")
@@ -210,8 +218,7 @@ def run_distill(args) -> None:
     if (args.softmax_layers is None) == (args.ranking is None):
         raise UserError("pass either --ranking (with --ratio or --k) or --softmax-layers")
     runtime = _runtime(args)
-    s, identity = _session(args, runtime, "distill", {"stage1": str(args.stage1)})
-    s.start(identity)
+    s = _session(args, runtime, "distill", {"stage1": str(args.stage1)})
     stage1 = load_hybrid(args.stage1, runtime)
     L = stage1.config.num_hidden_layers
     if args.softmax_layers is not None:
@@ -234,22 +241,20 @@ def run_distill(args) -> None:
 def run_finetune(args) -> None:
     from transformers import AutoTokenizer
 
-    from distill.pipeline import load_hybrid, step_stage3
+    from distill.pipeline import Session, load_hybrid, step_stage3
 
     _check_out(args)
     runtime = _runtime(args)
-    s, identity = _session(args, runtime, "finetune", {"model": str(args.model), "steps": args.steps})
+    spec, identity = _run_spec(args, "finetune", {"model": str(args.model), "steps": args.steps})
     if args.steps is not None:
-        s.preset = replace(s.preset, stage3=replace(s.preset.stage3, steps=args.steps))
-    if s.preset.stage3.steps == 0:
+        spec = replace(spec, preset=replace(spec.preset, stage3=replace(spec.preset.stage3, steps=args.steps)))
+    if spec.preset.stage3.steps == 0:
         raise UserError("pass --steps N (the preset has no Stage 3 steps)")
     model = load_hybrid(args.model, runtime)
     if args.teacher:
-        s.start(identity)
+        s = Session.open(spec, runtime, identity)
     else:
-        s.work_dir.mkdir(parents=True, exist_ok=True)
-        s.tokenizer = AutoTokenizer.from_pretrained(args.model)
-        s.data(s.preset.stage3.seq_len)
+        s = Session.without_teacher(spec, runtime, AutoTokenizer.from_pretrained(args.model))
     model = step_stage3(s, model)
     if runtime.is_main:
         _save_stage_output(s, model, args.out, "stage3", with_metrics=False)

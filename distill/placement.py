@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from distill.config import FULL_ATTENTION, LINEAR_ATTENTION
 from distill.errors import UserError
+from distill.model.config import FULL_ATTENTION, LINEAR_ATTENTION
 
 
 def k_from_ratio(ratio: float, num_layers: int) -> int:

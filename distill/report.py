@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from distill.config import HybridConfig  # noqa: E402
+from distill.model.config import HybridConfig  # noqa: E402
 from distill.selection import Ranking  # noqa: E402
 
 CONTEXTS = (1024, 4096, 16384, 65536, 131072)

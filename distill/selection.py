@@ -25,7 +25,6 @@ GA-S2 costs L short Stage-2 runs. What is shared between candidates without chan
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Callable
@@ -34,14 +33,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
+from distill.atomic_io import write_json_atomic
 from distill.data import BlockOrder, PackedData, batch_for_step
 from distill.distributed import Runtime
 from distill.errors import UserError
-from distill.modeling import HybridForCausalLM
+from distill.evaluate import EvalSet, kl_from_hidden
+from distill.model.modeling import HybridForCausalLM
+from distill.model.transfer import restore_softmax
 from distill.placement import uniform_softmax_layers
-from distill.stages import EvalSet, Stage2Config, heldout_alignment, kl_from_hidden, restore_softmax, run_stage2
+from distill.stages import Stage2Config, heldout_alignment, run_stage2
 
 SELECTORS = ("ga-s2", "kl-restore", "ga-s1", "ablation", "uniform")
 RANKING_FILE = "ranking.json"
@@ -72,9 +73,7 @@ class Ranking:
         return self.order.index(layer) + 1 if layer in self.order else None
 
     def save(self, path: Path) -> None:
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(Path(path), asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> Ranking:
@@ -114,10 +113,7 @@ def spread_layers(layers: list[int], out_dir: Path, runtime: Runtime, work: Call
         path = out_dir / f"layer_{layer:03d}.json"
         if path.is_file():
             continue
-        result = work(layer)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, path)
+        write_json_atomic(path, work(layer), indent=None)
     runtime.barrier()
     return {layer: json.loads((out_dir / f"layer_{layer:03d}.json").read_text()) for layer in layers}
 
@@ -134,23 +130,6 @@ class ScoreConfig:
     eval_blocks: int = 0  # candidates are scored on the first N held-out blocks (0: all of them)
     recall_samples: int = 32  # ablation selector: synthetic recall prompts
     recall_pairs: int = 16  # ... key/value pairs per prompt
-
-
-@torch.no_grad()
-def forward_from_layer(model: HybridForCausalLM, hidden: torch.Tensor, start: int) -> torch.Tensor:
-    """The final (normed) hidden states of `model` given the input `hidden` [B, T, H] of layer `start`.
-
-    Mirrors HybridModel.forward for full blocks without padding or cache (a test checks they agree).
-    """
-    inner = model.model
-    position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    mask = create_causal_mask(config=inner.config, inputs_embeds=hidden, attention_mask=None,
-                              past_key_values=None, position_ids=position_ids)
-    position_embeddings = inner.rotary_emb(hidden, position_ids)
-    for layer in inner.layers[start:]:
-        hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, padding_mask=None,
-                       past_key_values=None, position_ids=position_ids)
-    return inner.norm(hidden)
 
 
 def _to_host(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -215,11 +194,19 @@ class SharedScoringInputs:
         return cls(batches, HeldoutPrefixes.build(teacher, stage1, data, cfg, runtime))
 
 
+@torch.no_grad()
+def final_hidden_from_layer(model: HybridForCausalLM, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    """Final hidden states of full held-out blocks (no padding, no cache) from layer `start`'s input."""
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    mask = model.model.causal_mask(hidden, position_ids)
+    return model.model.forward_from_layer(hidden, start, position_ids, attention_mask=mask)
+
+
 def _kl_from_prefix(candidate: HybridForCausalLM, layer: int, heldout: HeldoutPrefixes, runtime: Runtime) -> float:
     total, count = 0.0, 0
     for ids, h_t, prefix in zip(heldout.eval_set.ids, heldout.eval_set.teacher_hidden, heldout.prefix_hidden):
         with runtime.autocast():
-            h_s = forward_from_layer(candidate, prefix[layer].to(runtime.device, non_blocking=True), layer)
+            h_s = final_hidden_from_layer(candidate, prefix[layer].to(runtime.device, non_blocking=True), layer)
             kl = kl_from_hidden(h_s, candidate.lm_head.weight, h_t, heldout.eval_set.teacher_weight, runtime.amp_dtype)
         total += kl.item() * ids.numel()
         count += ids.numel()

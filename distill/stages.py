@@ -1,4 +1,4 @@
-"""The RADLADS stages after the weight transfer (Stage 0 lives in distill.transfer).
+"""The RADLADS stages after the weight transfer (Stage 0 lives in distill.model.transfer).
 
 Stage 1 `align`:    every attention block is a GDN mixer; each mixer learns to reproduce its teacher
                     layer's attention output from the teacher's own input to that block (teacher forcing:
@@ -16,7 +16,6 @@ Each stage is a loss function plus parameter groups handed to `distill.train.tra
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,13 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.config import FULL_ATTENTION, LINEAR_ATTENTION
 from distill.data import BlockOrder, PackedData, batch_for_step
 from distill.distributed import Runtime
-from distill.families import family
-from distill.modeling import HybridForCausalLM
+from distill.evaluate import EvalSet, heldout_kl, kl_from_hidden
+from distill.model.config import LINEAR_ATTENTION
+from distill.model.modeling import HybridForCausalLM
 from distill.train import TrainConfig, train
-from kernels.kl import fused_linear_kl
 
 # ---------------------------------------------------------------------------------------------
 # Teacher forcing: capture every attention block's input and output in one teacher forward
@@ -79,65 +77,6 @@ def freeze_all_but_mixers(model: HybridForCausalLM) -> None:
     for layer in model.model.layers:
         for name, p in layer.mixer.named_parameters():
             p.requires_grad_(name != "conv1d.weight" or model.config.linear_conv_trainable)
-
-
-# ---------------------------------------------------------------------------------------------
-# Held-out evaluation sets: the teacher's outputs are computed once and reused by every evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalSet:
-    """This process's share of the held-out blocks with the teacher's final hidden states."""
-
-    ids: list[torch.Tensor]  # [b, T] per batch
-    teacher_hidden: list[torch.Tensor]  # [b, T, H] per batch (after the final norm, before lm_head)
-    teacher_weight: torch.Tensor  # teacher lm_head weight [V, H]
-
-    @classmethod
-    @torch.no_grad()
-    def build(cls, teacher: nn.Module, data: PackedData, batch_size: int, runtime: Runtime,
-              max_blocks: int | None = None) -> EvalSet:
-        blocks = list(data.eval_batches(batch_size, max_blocks))[runtime.rank :: runtime.world]
-        ids, hidden = [], []
-        for block in blocks:
-            block = block.to(runtime.device)
-            with runtime.autocast():
-                h = teacher.model(input_ids=block, use_cache=False).last_hidden_state
-            ids.append(block)
-            hidden.append(h)
-        return cls(ids, hidden, teacher.lm_head.weight.detach())
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(b.numel() for b in self.ids)
-
-
-def kl_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                   teacher_weight: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) from final hidden states [.., H] and lm_head weights."""
-    h_s, h_t = student_hidden.flatten(0, -2), teacher_hidden.flatten(0, -2)
-    if amp_dtype is not None:
-        h_s, student_weight, h_t, teacher_weight = (x.to(amp_dtype) for x in (h_s, student_weight, h_t, teacher_weight))
-    return fused_linear_kl(h_s, student_weight, h_t, teacher_weight)
-
-
-@torch.no_grad()
-def heldout_kl(student: HybridForCausalLM, eval_set: EvalSet, runtime: Runtime) -> float:
-    """Token-weighted mean KL(teacher || student) over all held-out blocks (all processes)."""
-    total, count = 0.0, 0
-    was_training = student.training
-    student.eval()
-    for ids, h_t in zip(eval_set.ids, eval_set.teacher_hidden):
-        with runtime.autocast():
-            h_s = student.model(input_ids=ids, use_cache=False).last_hidden_state
-        kl = kl_from_hidden(h_s, student.lm_head.weight, h_t, eval_set.teacher_weight, runtime.amp_dtype)
-        total += kl.item() * ids.numel()
-        count += ids.numel()
-    student.train(was_training)
-    total = runtime.all_reduce_mean(total) * runtime.world
-    count = runtime.all_reduce_mean(float(count)) * runtime.world
-    return total / max(count, 1)
 
 
 @torch.no_grad()
@@ -203,31 +142,6 @@ def run_stage1(
 # ---------------------------------------------------------------------------------------------
 # Stage 2
 # ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def restore_softmax(model: HybridForCausalLM, teacher: nn.Module, softmax_layers: list[int]) -> HybridForCausalLM:
-    """A copy of `model` whose layers `softmax_layers` hold the teacher's attention again.
-
-    Cheaper than building a new hybrid (no random init of the whole network): the copy keeps every
-    other weight of `model`, and each chosen layer's GDN mixer is swapped for a fresh attention block
-    of the teacher's family loaded with the teacher's weights.
-    """
-    hybrid = copy.deepcopy(model)
-    config = hybrid.config
-    attention_cls = family(config.teacher_model_type).attention
-    for i in softmax_layers:
-        layer = hybrid.model.layers[i]
-        if layer.layer_type == FULL_ATTENTION:
-            continue
-        attn = attention_cls(config, i)
-        attn.load_state_dict(teacher.model.layers[i].self_attn.state_dict())
-        param = next(layer.linear_attn.parameters())
-        del layer.linear_attn
-        layer.self_attn = attn.to(device=param.device, dtype=param.dtype)
-        layer.layer_type = FULL_ATTENTION
-        config.layer_types[i] = FULL_ATTENTION
-    return hybrid
 
 
 def stage2_param_groups(model: HybridForCausalLM, mixer_lr: float, other_lr: float) -> list[dict]:

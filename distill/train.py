@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from distill.atomic_io import atomic_file
 from distill.distributed import Runtime
 from distill.errors import UserError
 
@@ -126,9 +126,8 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         "rng": _rng_state(),
         **extra,
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint intact
+    with atomic_file(path) as tmp:  # a kill leaves the previous checkpoint intact
+        torch.save(state, tmp)
 
 
 @torch.no_grad()

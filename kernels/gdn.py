@@ -8,14 +8,14 @@ The gated delta rule, per head, with state S in R^{K x V} (fla's layout: [B, H, 
 Inputs use fla's "sequence-first" layout: q, k [B, T, H, K], v [B, T, H, V], g, beta [B, T, H]
 (g is the log-decay, <= 0). q and k are expected to be L2-normalised already.
 
-- `naive_recurrent_gated_delta_rule`: a plain per-token loop; run it in float64 as the reference.
-- `torch_chunk_gated_delta_rule`: chunked (WY) form in pure torch; differentiable; the CPU path for
-  prefill and training.
-- `torch_recurrent_step`: one decode step in pure torch.
+The torch references (`naive_recurrent_gated_delta_rule` in float64, `torch_chunk_gated_delta_rule`,
+`torch_recurrent_step`) live in kernels/gdn_reference.py and are re-exported here.
 `chunk_gated_delta_rule` dispatches to flash-linear-attention's Triton kernels on CUDA when fla is
 installed (with one backward kernel in torch where fla refuses it, kernels/gdn_fla.py), by an explicit
 `backend=` choice or "auto"; `recurrent_gated_delta_rule` to our decode-step kernel
-(kernels/gdn_decode.py) on CUDA; both fall back to the torch implementations elsewhere.
+(kernels/gdn_decode.py) on CUDA, by an explicit `step=` choice or "auto"; both fall back to the torch
+implementations elsewhere. Callers pass the choice down (the GDN mixer's `gdn_backend` and
+`gdn_decode_step`); nothing here is patched from outside.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import functools
 import logging
 
 import torch
-import torch.nn.functional as F
+
+from kernels.gdn_reference import naive_recurrent_gated_delta_rule, torch_chunk_gated_delta_rule, torch_recurrent_step
 
 __all__ = [
     "l2norm",
@@ -35,6 +36,7 @@ __all__ = [
     "recurrent_gated_delta_rule",
     "fla_available",
     "GDN_BACKENDS",
+    "GDN_DECODE_STEPS",
     "resolve_gdn_backend",
     "describe_gdn_backend",
 ]
@@ -45,106 +47,6 @@ logger = logging.getLogger(__name__)
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim (the same formula as fla and vLLM)."""
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
-
-
-def naive_recurrent_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-by-token reference. Returns (o [B, T, H, V], final state [B, H, K, V])."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = K**-0.5 if scale is None else scale
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.clone()
-    outputs = []
-    for t in range(T):
-        q_t, k_t, v_t = q[:, t] * scale, k[:, t], v[:, t]  # [B, H, K|V]
-        S = S * g[:, t].exp()[..., None, None]
-        # delta rule: move the value stored under k_t towards v_t by a step beta_t
-        v_old = torch.einsum("bhk,bhkv->bhv", k_t, S)
-        delta = (v_t - v_old) * beta[:, t, :, None]
-        S = S + k_t[..., :, None] * delta[..., None, :]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q_t, S))
-    return torch.stack(outputs, dim=1), S
-
-
-def torch_recurrent_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    state: torch.Tensor,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A few tokens of decode (T is small, usually 1) in float32; returns (o, new state)."""
-    dtype = v.dtype
-    o, S = naive_recurrent_gated_delta_rule(
-        q.float(), k.float(), v.float(), g.float(), beta.float(), scale, state.float()
-    )
-    return o.to(dtype), S
-
-
-def torch_chunk_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked gated delta rule in float32 (WY representation). Returns (o, final state).
-
-    Within a chunk of C tokens, with G the cumulative log-decay and S0 the state entering it:
-        U = (I + A)^{-1} (beta V - beta exp(G) K S0),  A[t, s] = beta_t exp(G_t - G_s) k_t.k_s  (s < t)
-        O = exp(G) Q S0 + ((Q K^T) * exp(G_t - G_s))_{s <= t} U
-        S_C = exp(G_C) S0 + (K * exp(G_C - G))^T U
-    """
-    dtype = v.dtype
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = K**-0.5 if scale is None else scale
-    C = chunk_size
-    pad = (-T) % C
-    # [B, T, H, D] -> [B, H, N, C, D]; padded steps have k = v = 0, g = 0, so they leave the state alone.
-    def chunks(x: torch.Tensor) -> torch.Tensor:
-        x = x.float().transpose(1, 2)
-        x = F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))
-        return x.reshape(B, H, -1, C, *x.shape[3:])
-
-    q_c, k_c, v_c = chunks(q) * scale, chunks(k), chunks(v)
-    g_c, beta_c = chunks(g), chunks(beta)
-    G = g_c.cumsum(-1)  # [B, H, N, C]
-    decay = G[..., :, None] - G[..., None, :]  # G_t - G_s
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # exp only where s <= t (there the exponent is <= 0); zero elsewhere, without exp overflow
-    decay_ts = torch.where(causal, decay, torch.full_like(decay, float("-inf"))).exp()
-
-    eye = torch.eye(C, dtype=q_c.dtype, device=q.device)
-    A = (k_c @ k_c.transpose(-1, -2)) * decay_ts * beta_c[..., :, None]
-    A = A * (1 - eye)  # strictly lower triangular
-    rhs = torch.cat([v_c * beta_c[..., None], k_c * (beta_c * G.exp())[..., None]], dim=-1)
-    solved = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
-    w_v, w_k = solved[..., :V], solved[..., V:]  # U = w_v - w_k S0
-    qk = (q_c @ k_c.transpose(-1, -2)) * decay_ts  # [B, H, N, C, C], s <= t
-    q_decayed = q_c * G.exp()[..., None]
-    k_to_end = k_c * (G[..., -1:] - G).exp()[..., None]  # k_s * exp(G_C - G_s)
-
-    S = q_c.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
-    outputs = []
-    for n in range(q_c.shape[2]):
-        u = w_v[:, :, n] - w_k[:, :, n] @ S
-        outputs.append(q_decayed[:, :, n] @ S + qk[:, :, n] @ u)
-        S = S * G[:, :, n, -1, None, None].exp() + k_to_end[:, :, n].transpose(-1, -2) @ u
-    o = torch.stack(outputs, dim=2).reshape(B, H, -1, V)[:, :, :T]
-    return o.transpose(1, 2).to(dtype), S
 
 
 @functools.cache
@@ -264,6 +166,26 @@ def chunk_gated_delta_rule(
     return fla_chunk_gdn(q, k, v, g, beta, scale, initial_state, parts)
 
 
+GDN_DECODE_STEPS = ("auto", "triton", "torch")
+"""Paths of `recurrent_gated_delta_rule`:
+- auto:   our Triton decode step on CUDA for one token without autograd (on a float32 copy of the
+          state), fla's fused recurrent kernel for other CUDA calls, the torch step elsewhere
+- triton: our Triton decode step on the caller's state buffer itself, in place and in its own dtype,
+          with one preallocated slot index per batch size (what a captured CUDA graph replays);
+          calls of more than one token take the auto path
+- torch:  `torch_recurrent_step`"""
+
+_identity_slots: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _slots(batch: int, device: torch.device) -> torch.Tensor:
+    """Slot index [0..batch) on `device`, created once per shape (before any CUDA graph capture)."""
+    key = (batch, device)
+    if key not in _identity_slots:
+        _identity_slots[key] = torch.arange(batch, device=device, dtype=torch.int32)
+    return _identity_slots[key]
+
+
 def recurrent_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -272,10 +194,21 @@ def recurrent_gated_delta_rule(
     beta: torch.Tensor,
     state: torch.Tensor,
     scale: float | None = None,
+    step: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode: our Triton decode-step kernel on CUDA for one token without autograd (it updates the
-    state in place, ~1.1-1.35x faster than fla's, see bench/results/kernels.md), fla's fused recurrent
-    kernel for other CUDA calls, the torch step elsewhere."""
+    """Decode (a few tokens from a state): (o [B, T, H, V], new state). `step` picks the path
+    (GDN_DECODE_STEPS). Our Triton step updates the state in place, ~1.1-1.35x faster than fla's
+    (bench/results/kernels.md)."""
+    if step not in GDN_DECODE_STEPS:
+        raise ValueError(f"GDN decode step must be one of {GDN_DECODE_STEPS}, got {step!r}")
+    if step == "torch":
+        return torch_recurrent_step(q, k, v, g, beta, state, scale=scale)
+    if step == "triton" and q.shape[1] == 1:
+        from kernels.gdn_decode import gdn_decode_step
+
+        slots = _slots(q.shape[0], q.device)
+        o = gdn_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, slots, scale)
+        return o[:, None], state
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, state))
     if q.is_cuda and q.shape[1] == 1 and not needs_grad:
         from kernels.gdn_decode import gdn_decode_step

@@ -6,7 +6,7 @@ For each sequence b (state row s = slot_idx[b]) and head h, with S = state_cache
     S <- S + k (beta (v - k^T S))^T               (delta rule: move the value stored under k towards v)
     o  = S^T (scale q)
 
-which is `kernels.gdn.naive_recurrent_gated_delta_rule` for one token. q and k must already be
+which is `kernels.gdn_reference.naive_recurrent_gated_delta_rule` for one token. q and k must already be
 L2-normalised. The state cache is [num_slots, H, K, V] in fp32 or bf16 (the per-slot stride may be
 larger than H*K*V, as in a view of a shared pool). A negative slot (vLLM's PAD_SLOT_ID = -1, used to
 pad batches for CUDA graphs) leaves the cache alone and yields o = 0.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.gdn import torch_recurrent_step
+from kernels.gdn_reference import torch_recurrent_step
 
 try:
     import triton

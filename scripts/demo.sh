@@ -30,7 +30,7 @@ import sys
 
 from openai import OpenAI
 
-from distill.teacher import load_teacher
+from distill.model.teacher import load_teacher
 
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 client = OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="none")

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from distill.provenance import cpu_description
 from serve.launch import free_port, spawn_server, stop_process_group, wait_healthy
 
 
@@ -80,7 +80,7 @@ def main() -> int:
             }
     finally:
         stop_process_group(proc)
-    result["machine"] = f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    result["machine"] = cpu_description()
     result["load_average_at_start"] = round(load_before, 2)
     result["date"] = time.strftime("%Y-%m-%d")
     print(json.dumps(result, indent=2))

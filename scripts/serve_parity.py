@@ -1,4 +1,4 @@
-"""Parity of a served checkpoint with its transformers model (DESIGN.md §3).
+"""Parity of a served checkpoint with its transformers model (docs/design.md §3).
 
     python scripts/serve_parity.py CHECKPOINT [--max-tokens 32] [--tolerance 0.1] [--json out.json]
 

@@ -1,4 +1,5 @@
 """Run a server as a child process: its own process group, wait for /health, stop the whole group.
+The one launcher of servers for bench/ (compare, soak), scripts/ and the tests.
 
 vLLM's API server spawns an engine-core process and a worker; killing only the leader leaves them
 holding memory and the port. Starting the server in a new session makes its pid the group id, so
@@ -8,6 +9,7 @@ the group can be signalled as one.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -28,9 +30,11 @@ def free_port() -> int:
 
 
 def spawn_server(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `argv` in a new session with stdout and stderr going to `log_path`."""
+    """Start `argv` in a new session with stdout and stderr going to `log_path` (its first line: the command)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
+    with open(log_path, "w") as log:
+        log.write("# " + shlex.join(argv) + "\n")
+        log.flush()
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 

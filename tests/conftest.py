@@ -29,8 +29,8 @@ def make_served_hybrid(path: Path, family: str = "llama", seed: int = 1) -> Path
     ~110 distinct tokens in 6 x 32 greedy tokens, while bf16 arithmetic moves the top-1 gap by
     < 0.05 (larger weights make bf16 noise alone exceed the 0.1 near-tie tolerance).
     """
-    from distill.checkpoint import save_hybrid
-    from distill.transfer import hybrid_from_teacher
+    from distill.model.checkpoint import save_hybrid
+    from distill.model.transfer import hybrid_from_teacher
 
     teacher, tokenizer = make_teacher(family, **SERVE_TINY)
     hybrid = hybrid_from_teacher(teacher, SERVE_LAYER_TYPES)

@@ -2,7 +2,7 @@
 
 Greedy decoding in bf16 is right when every token the server picked is the transformers model's
 argmax or a near-tie (top-1 logit gap <= NEAR_TIE) under teacher forcing on the server's own tokens
-(DESIGN: docs of serve/, test_serve_parity.py). Exact equality between two server runs is not a
+(docs/design.md §3, test_serve_parity.py). Exact equality between two server runs is not a
 guarantee: a prompt prefilled in other chunks, or batched with other sequences, rounds differently
 in bf16 and may take the other side of a near-tie, after which the texts part ways.
 """

@@ -11,11 +11,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import distill  # noqa: F401
-from distill.checkpoint import SAVE_DTYPE_ENV, save_hybrid
 from distill.cli import main
 from distill.errors import UserError
-from distill.teacher import load_teacher
-from distill.transfer import hybrid_from_teacher
+from distill.model.checkpoint import SAVE_DTYPE_ENV, save_hybrid
+from distill.model.teacher import load_teacher
+from distill.model.transfer import hybrid_from_teacher
 from tests.tiny_models import make_teacher
 
 LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "full_attention"]

@@ -38,7 +38,7 @@ try:
 except ValueError as e:
     assert "trust_remote_code=True" in str(e), e
 model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-assert "distill" not in sys.modules or type(model).__module__ == "distill.modeling"
+assert "distill" not in sys.modules or type(model).__module__ == "distill.model.modeling"
 torch.save(model(ids).logits, sys.argv[2])
 """
 

@@ -35,9 +35,9 @@ def test_explicit_torch_backend_matches_torch_form():
 
 
 def test_set_gdn_backend_reaches_every_mixer():
-    from distill.config import LINEAR_ATTENTION
-    from distill.gdn_mixer import GatedDeltaNet, set_gdn_backend
-    from distill.transfer import hybrid_from_teacher
+    from distill.model.config import LINEAR_ATTENTION
+    from distill.model.gdn_mixer import GatedDeltaNet, set_gdn_backend
+    from distill.model.transfer import hybrid_from_teacher
     from tests.tiny_models import make_teacher
 
     teacher, _ = make_teacher()

@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import distill  # noqa: F401  (registers the Auto classes)
-from distill.checkpoint import save_hybrid
-from distill.config import FULL_ATTENTION, LINEAR_ATTENTION
+from distill.model.checkpoint import save_hybrid
+from distill.model.config import FULL_ATTENTION, LINEAR_ATTENTION
+from distill.model.transfer import expand_kv_heads, hybrid_from_teacher
 from distill.placement import layer_types_for
-from distill.transfer import expand_kv_heads, hybrid_from_teacher
 from tests.tiny_models import make_teacher
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]

@@ -8,9 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from distill.config import LINEAR_ATTENTION
 from distill.data import DataSpec, prepare_data
 from distill.distributed import Runtime
+from distill.evaluate import EvalSet, heldout_kl
+from distill.model.config import LINEAR_ATTENTION
+from distill.model.transfer import hybrid_from_teacher, restore_softmax
 from distill.placement import uniform_softmax_layers
 from distill.selection import (
     Ranking,
@@ -26,9 +28,8 @@ from distill.selection import (
     score_kl_restore,
     uniform_ranking,
 )
-from distill.stages import EvalSet, Stage2Config, heldout_kl, restore_softmax, run_stage1
+from distill.stages import Stage2Config, run_stage1
 from distill.train import TrainConfig
-from distill.transfer import hybrid_from_teacher
 from tests.tiny_models import make_teacher, write_word_corpus
 
 CPU = Runtime()

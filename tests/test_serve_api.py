@@ -36,7 +36,7 @@ def test_models_lists_the_served_model(client):
 
 
 def test_hybrid_endpoint_shows_layout_and_cache_bytes(http, served_hybrid):
-    from distill.config import HybridConfig
+    from distill.model.config import HybridConfig
 
     config = HybridConfig.from_pretrained(served_hybrid)
     body = http.get("/v1/hybrid", headers=AUTH).json()
@@ -241,7 +241,7 @@ def no_env_leaks(monkeypatch):
 
 def test_bad_checkpoints_get_one_clear_error_line(tmp_path, capsys, no_env_leaks):
     from distill.cli import main
-    from distill.config import HybridConfig
+    from distill.model.config import HybridConfig
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "badjson").mkdir()

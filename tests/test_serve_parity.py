@@ -1,4 +1,4 @@
-"""The served model computes the transformers model's function (DESIGN.md §3).
+"""The served model computes the transformers model's function (docs/design.md §3).
 
 scripts/serve_parity.py runs vLLM's offline engine (bf16, float32 GDN state, greedy) on 6 prompts x 32
 new tokens, then scores prompt + vLLM's tokens with the transformers model under teacher forcing:
@@ -85,7 +85,7 @@ def test_smollm2_stage0_hybrid_matches_transformers(tmp_path):
     0.21 and vLLM serving the plain teacher with its own Llama class 0.106. The bar here is that floor:
     no gap above 0.15. (Comparing with transformers-in-bf16's worst gap on the same run, as this test
     once did, is itself a coin toss: that worst gap was 0.21 in one run and 0.008 in another, 2026-12-05.)
-    The 0.1 bar of DESIGN.md §3 is checked on the trained demo hybrid (next test).
+    The 0.1 bar of docs/design.md §3 is checked on the trained demo hybrid (next test).
     """
     from distill.cli import main as hybrid
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distill  # noqa: F401
 from distill.cli import main
-from distill.teacher import load_teacher
+from distill.model.teacher import load_teacher
 
 
 def test_init_smollm2_quarter_softmax_loads_and_generates(tmp_path):

@@ -7,23 +7,21 @@ import copy
 import pytest
 import torch
 
-from distill.config import LINEAR_ATTENTION
 from distill.data import DataSpec, prepare_data
 from distill.distributed import Runtime
-from distill.selection import forward_from_layer
+from distill.evaluate import EvalSet, heldout_kl
+from distill.model.config import LINEAR_ATTENTION
+from distill.model.transfer import hybrid_from_teacher, restore_softmax
+from distill.selection import final_hidden_from_layer
 from distill.stages import (
-    EvalSet,
     Stage2Config,
     capture_attention,
-    heldout_kl,
-    restore_softmax,
     run_stage1,
     run_stage2,
     run_stage3,
     stage2_param_groups,
 )
 from distill.train import TrainConfig, lr_factor, read_log, train
-from distill.transfer import hybrid_from_teacher
 from tests.tiny_models import make_teacher, write_word_corpus
 
 CPU = Runtime()
@@ -81,7 +79,7 @@ def test_forward_from_layer_matches_the_full_forward(setup):
     with torch.no_grad():
         out = hybrid.model(ids, use_cache=False, output_hidden_states=True)
         for start in range(3):
-            torch.testing.assert_close(forward_from_layer(hybrid, out.hidden_states[start], start),
+            torch.testing.assert_close(final_hidden_from_layer(hybrid, out.hidden_states[start], start),
                                        out.last_hidden_state, atol=1e-5, rtol=1e-5)
 
 

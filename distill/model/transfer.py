@@ -1,4 +1,5 @@
-"""Stage 0: build a hybrid from a teacher and transfer its weights.
+"""Weight transfer in both directions: teacher -> hybrid (Stage 0) and back (restoring a teacher
+attention block in chosen layers of a hybrid, Stage 2 and layer selection).
 
 Everything but the token mixers of linear layers is copied by name. A GDN mixer takes the teacher's
 W_q and W_o as they are, and W_k / W_v expanded head-wise to the query heads: query head h is paired
@@ -8,27 +9,27 @@ public reference code does, scrambles the pairing.) Biases come along where the 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from distill.checkpoint import dtype_name
-from distill.config import TEACHER_FIELDS, HybridConfig
-from distill.families import family
-from distill.modeling import HybridForCausalLM
+from distill.model.checkpoint import dtype_name
+from distill.model.config import FULL_ATTENTION, TEACHER_FIELDS, HybridConfig
+from distill.model.families import RULES, UnsupportedTeacherError, family
+from distill.model.modeling import HybridForCausalLM
 
 
 def hybrid_config_from_teacher(teacher_config, layer_types: list[str], provenance: dict | None = None) -> HybridConfig:
     family(teacher_config.model_type)  # raises a clear error for unsupported architectures
     if any(t == "sliding_attention" for t in getattr(teacher_config, "layer_types", None) or []):
-        from distill.families import UnsupportedTeacherError
-
         raise UnsupportedTeacherError(
             f"teacher {teacher_config.model_type!r} uses sliding-window attention layers, which are not supported yet"
         )
     fields = {name: getattr(teacher_config, name) for name in TEACHER_FIELDS if getattr(teacher_config, name, None) is not None}
-    if teacher_config.model_type == "qwen2":
-        fields.pop("attention_bias", None)  # Qwen2 hard-codes q/k/v biases; the GDN mixer knows that
+    if RULES[teacher_config.model_type].fixed_biases:
+        fields.pop("attention_bias", None)  # the family's rule (families.RULES) decides the biases
     return HybridConfig(
         teacher_model_type=teacher_config.model_type,
         layer_types=list(layer_types),
@@ -92,3 +93,28 @@ def copy_shared_weights(source: nn.Module, target: nn.Module) -> list[str]:
             tensor.copy_(source_state[name])
             copied.append(name)
     return copied
+
+
+@torch.no_grad()
+def restore_softmax(model: HybridForCausalLM, teacher: nn.Module, softmax_layers: list[int]) -> HybridForCausalLM:
+    """A copy of `model` whose layers `softmax_layers` hold the teacher's attention again.
+
+    Cheaper than building a new hybrid (no random init of the whole network): the copy keeps every
+    other weight of `model`, and each chosen layer's GDN mixer is swapped for a fresh attention block
+    of the teacher's family loaded with the teacher's weights.
+    """
+    hybrid = copy.deepcopy(model)
+    config = hybrid.config
+    attention_cls = family(config.teacher_model_type).attention
+    for i in softmax_layers:
+        layer = hybrid.model.layers[i]
+        if layer.layer_type == FULL_ATTENTION:
+            continue
+        attn = attention_cls(config, i)
+        attn.load_state_dict(teacher.model.layers[i].self_attn.state_dict())
+        param = next(layer.linear_attn.parameters())
+        del layer.linear_attn
+        layer.self_attn = attn.to(device=param.device, dtype=param.dtype)
+        layer.layer_type = FULL_ATTENTION
+        config.layer_types[i] = FULL_ATTENTION
+    return hybrid
