@@ -86,13 +86,14 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla
     t=$(left)
     timeout "$t" python3 -m distill.cli eval "${models[@]}" --teacher smollm2-135m --device "$DEVICE" \
       --data "$VALID" --seq-len 1024 --eval-tokens ${EVAL_TOKENS:-65536} \
-      --tasks heldout passkey multikey assoc vartrack --lengths ${LENGTHS:-512 1024 2048 4096} --samples ${SAMPLES:-100} \
+      --tasks ${TASKS:-heldout passkey multikey assoc vartrack} --lengths ${LENGTHS:-512 1024 2048 4096} --samples ${SAMPLES:-100} \
       --out "$X/eval" 2>&1 | grep -v "it/s]\|s/it]"
     # at most 8 files come back: the table and plot, and one archive of every JSON
     R=$X/results; mkdir -p "$R"; cp "$X"/eval/results.* "$X/wall.log" "$R/" 2>/dev/null
     for r in "$X"/rank-*/ranking.json; do n=${r%/ranking.json}; cp "$r" "$R/ranking-${n##*/rank-}.json"; done
     for d in "$X"/stage1 "$X"/rank-* "$X"/hybrid-*; do
       w=$d.work/metrics.json; [[ -f $w ]] && cp "$w" "$R/metrics-${d##*/}.json"
+      for l in "$d".work/stage*/log.jsonl; do [[ -f $l ]] && cp "$l" "$R/log-${d##*/}.jsonl"; done
     done
     tar czf "$OUT/results.tgz" -C "$R" . && cp "$X"/eval/results.md "$X"/eval/results.png "$OUT/" 2>/dev/null
     ls -la "$R"

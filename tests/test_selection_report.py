@@ -1,0 +1,33 @@
+"""bench/selection_report: the selector table from ranking files, selection wall times and `hybrid eval` JSON."""
+
+from __future__ import annotations
+
+import json
+
+from bench.selection_report import main
+from distill.selection import ranking_from_scores
+
+
+def _model(name: str, kl: float, exact: float) -> dict:
+    return {"name": name, "heldout": {"kl": kl},
+            "recall": [{"task": "passkey", "context": 512, "exact": exact, "delta": 10 * exact}]}
+
+
+def test_selector_table_compares_with_ga_s2_and_reads_costs(tmp_path):
+    ga_s2 = ranking_from_scores("ga-s2", {i: float(i) for i in range(6)}, True, "kl",
+                                details={"candidate_tokens": 1000})
+    cheap = ranking_from_scores("kl-restore", {0: 0.1, 1: 0.3, 2: 0.2, 3: 0.4, 4: 0.5, 5: 0.6}, True, "kl",
+                                details={"candidate_tokens": 0})
+    ga_s2.save(tmp_path / "ranking-ga-s2.json")
+    cheap.save(tmp_path / "ranking-kl-restore.json")
+    (tmp_path / "metrics-rank-ga-s2.json").write_text(json.dumps({"seconds": {"layer selection (ga-s2)": 120.0}}))
+    (tmp_path / "results.json").write_text(json.dumps({"models": [
+        {"name": "teacher", "heldout": {"kl": 0.0}, "recall": []},
+        _model("ga-s2-k2-s0", 0.14, 0.9), _model("uniform-k2-s0", 0.2, 0.3), _model("ga-s2-k2-s1", 0.15, 0.8)]}))
+    assert main([str(tmp_path), "--k", "2"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "selection.md").read_text().splitlines()[2:]}
+    assert set(rows) == {"ga-s2", "kl-restore", "uniform"}
+    assert "| 0,1 | 1.00 | 1.00 | 6,000 | 120 | 0.1400 | 0.90 (+9.0) |" in rows["ga-s2"]  # first seed only
+    assert "| 0,2 | 0.94 | 0.33 | 0 | — | not trained | — |" in rows["kl-restore"]
+    assert "| 0.2000 | 0.30 (+3.0) |" in rows["uniform"]
+    assert (tmp_path / "selection.png").stat().st_size > 0
