@@ -71,13 +71,13 @@ def align_one_layer(teacher, student: HybridForCausalLM, layer: int, data: Packe
     def get_batch(step: int, micro: int) -> torch.Tensor:
         return batch_for_step(data, order, step, micro, cfg.micro_batch, accum)
 
-    def loss_fn(ids: torch.Tensor):
+    def loss_fn(model: HybridForCausalLM, ids: torch.Tensor):
         x, y = capture_attention(teacher, ids.to(runtime.device))[layer]
-        return alignment_loss(mixer(x)[0], y), {}
+        return alignment_loss(model.model.layers[layer].linear_attn(x)[0], y), {}
 
     params = [p for p in mixer.parameters() if p.requires_grad]
     log = train(f"stage1 layer {layer}", student, [{"params": params, "lr": cfg.lr, "name": "mixer"}], loss_fn,
-                get_batch, cfg, work_dir, runtime)
+                get_batch, cfg, work_dir, runtime, units=[mixer])
     student.requires_grad_(True)
     return log
 

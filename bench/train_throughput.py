@@ -111,16 +111,17 @@ def plain_finetune(teacher, data, micro: int, steps: int, warmup: int, runtime) 
     def get_batch(step: int, m: int) -> torch.Tensor:
         return torch.as_tensor(np.stack([data.train[next(rows) % len(data.train)] for _ in range(micro)]))
 
-    def loss_fn(ids: torch.Tensor):
-        h = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-        logits = model.lm_head(h).float()
+    def loss_fn(trained, ids: torch.Tensor):
+        h = trained.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        logits = trained.lm_head(h).float()
         return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()), {}
 
     cfg = TrainConfig(steps=steps + warmup, seq_len=data.train.shape[1], batch=micro, micro_batch=micro, lr=1e-5,
                       schedule="constant", save_every=0)
     groups = [{"params": list(model.parameters()), "lr": cfg.lr, "name": "all"}]
     with tempfile.TemporaryDirectory() as tmp:
-        log = train("plain fine-tune", model, groups, loss_fn, get_batch, cfg, Path(tmp), runtime, show_progress=False)
+        log = train("plain fine-tune", model, groups, loss_fn, get_batch, cfg, Path(tmp), runtime, show_progress=False,
+                    units=list(model.model.layers))
     del model
     return log
 

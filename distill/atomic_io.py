@@ -59,8 +59,26 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    replace_directory(tmp, target)
+
+
+def _displaced(target: Path) -> Path:
+    return target.parent / f".{target.name}.old"
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Put the finished directory `new` in place of `target`: two renames, and a kill between them
+    leaves the previous `target` aside, where `recover_directory` finds it."""
+    old = _displaced(target)
+    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
-    os.replace(tmp, target)
+    os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directory(target: Path) -> None:
+    """Undo a `replace_directory` killed between its two renames."""
+    old = _displaced(Path(target))
+    if old.exists() and not Path(target).exists():
+        os.replace(old, target)

@@ -1,11 +1,15 @@
 """Where the work runs: one process, or several under `torchrun` (one per GPU, or gloo on CPU).
 
-Training is data-parallel: every process holds the whole model, computes gradients on its own
-micro-batches, and `average_gradients` all-reduces them before the optimiser step, so all
-processes keep identical weights (what DistributedDataParallel does, without overlapping the
-all-reduce with backward). Selection spreads its candidate runs over the processes instead.
+Training under several processes runs on FSDP2 (`torch.distributed.fsdp.fully_shard`, see
+`distill.sharding`): the trained parameters, their gradients and the AdamW state are sharded over the
+processes, each computes gradients on its own micro-batches, and FSDP reduce-scatters them. Selection
+spreads its candidate runs over the processes instead (each candidate a one-process run).
 
     torchrun --nproc_per_node 8 -m distill.cli convert --teacher T --data D --ratio 0.25 --out OUT
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m distill.cli convert ...
+
+Several nodes need a shared file system for the work directory: every process writes its shard of a
+checkpoint there.
 """
 
 from __future__ import annotations
@@ -13,11 +17,19 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How training runs on the machine (`--set parallel.FIELD=VALUE`). None of it changes what is
+    computed, only where and at what memory cost, so it is not part of a run's identity: a rerun may
+    change it and still continue the run."""
+
+    activation_checkpointing: bool = False  # recompute each decoder layer (Stage 1: each mixer) in backward
 
 
 @dataclass(frozen=True)
@@ -27,6 +39,7 @@ class Runtime:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     amp_dtype: torch.dtype | None = None  # autocast dtype (bf16 on CUDA); None = full precision
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def is_main(self) -> bool:
@@ -40,26 +53,6 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    @torch.no_grad()
-    def average_gradients(self, params: list[torch.nn.Parameter], bucket_bytes: int = 64 << 20) -> None:
-        """All-reduce and average .grad of `params` across processes, in flat buckets."""
-        if self.world == 1:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for g in grads + [None]:
-            if g is not None:
-                bucket.append(g)
-                size += g.numel() * g.element_size()
-            if bucket and (g is None or size >= bucket_bytes):
-                flat = _flatten_dense_tensors(bucket)
-                dist.all_reduce(flat)
-                flat.div_(self.world)
-                for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                    dst.copy_(src)
-                bucket, size = [], 0
 
     def all_reduce_mean(self, value: float) -> float:
         if self.world == 1:

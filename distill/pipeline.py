@@ -4,7 +4,8 @@ Everything is resumable. The work directory (default: OUT.work next to the outpu
 
     run.json              what this run is (teacher, data, preset, K, selector); a rerun must match it
     metrics.json          held-out KL per stage and wall times, written as they are measured
-    stage1/               log.jsonl, ckpt.pt while training, model/ once done (all-linear Stage-1 hybrid)
+    stage1/               log.jsonl, ckpt.pt (ckpt.dcp/ under torchrun) while training, model/ once done
+                          (the all-linear Stage-1 hybrid)
     score/                candidates/layer_XXX.json as each candidate finishes, ranking.json once done
     stage2/, stage3/      like stage1/
 
@@ -23,7 +24,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -54,7 +55,8 @@ from distill.selection import (
     uniform_ranking,
 )
 from distill.stages import run_stage1, run_stage2, run_stage3
-from distill.train import CHECKPOINT, read_log
+from distill.train import read_log
+from distill.train_state import remove_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,7 @@ class Session:
                     f"work dir {spec.work_dir} belongs to another run: {k} was {previous.get(k)!r}, now {identity[k]!r}; "
                     "use another --work-dir, or delete it to start over"
                 )
+        runtime = replace(runtime, parallel=spec.preset.parallel)
         # the first load may download and convert the teacher: process 0 does it, the others wait
         if not runtime.is_main:
             runtime.barrier()
@@ -132,7 +135,7 @@ class Session:
     def without_teacher(cls, spec: RunSpec, runtime: Runtime, tokenizer: PreTrainedTokenizerBase) -> Session:
         """A Stage-3 run with no teacher: the model's own tokenizer, the Stage-3 data only."""
         spec.work_dir.mkdir(parents=True, exist_ok=True)
-        session = cls(spec, runtime, None, tokenizer)
+        session = cls(spec, replace(runtime, parallel=spec.preset.parallel), None, tokenizer)
         session.data(spec.preset.stage3.seq_len)
         return session
 
@@ -190,9 +193,7 @@ class Session:
         resumed run must continue from exactly the weights an uninterrupted run holds in memory."""
         if self.runtime.is_main:
             save_hybrid(model, self.tokenizer, path, overwrite=True, dtype="float32")
-            ckpt = path.parent / CHECKPOINT
-            if ckpt.is_file():
-                ckpt.unlink()
+            remove_checkpoints(path.parent)
         self.runtime.barrier()
 
     def build_stage0(self) -> HybridForCausalLM:
@@ -335,7 +336,7 @@ class ConvertRequest:
     def identity(self, preset: Preset) -> dict:
         """What must match for a rerun to continue this run's work dir."""
         return {"teacher": self.teacher, "data": list(self.data), "text_field": self.text_field,
-                "selector": self.selector, "seed": self.seed, "preset": json.loads(json.dumps(asdict(preset)))}
+                "selector": self.selector, "seed": self.seed, "preset": preset.identity()}
 
 
 def convert(req: ConvertRequest, runtime: Runtime) -> Path:

@@ -8,8 +8,8 @@
     hybrid presets  [demo|small|paper]                                           the budgets; --set KEY=VALUE edits them
 
 Every command keeps its resumable state in OUT.work (or --work-dir): rerun the same command after a
-crash and it continues. Under `torchrun --nproc_per_node N -m distill.cli ...` the stages run
-data-parallel and `score` spreads its candidates over the processes.
+crash and it continues. Under `torchrun --nproc_per_node N -m distill.cli ...` the stages train
+FSDP2-sharded over the processes (distill/sharding.py) and `score` spreads its candidates over them.
 """
 
 from __future__ import annotations
@@ -96,9 +96,10 @@ def _runtime(args):
 
     from distill.distributed import init_runtime
 
-    if args.threads:
+    runtime = init_runtime(args.device)
+    if args.threads:  # after init_runtime, which shares the cores among a node's processes by default
         torch.set_num_threads(args.threads)
-    return init_runtime(args.device)
+    return runtime
 
 
 def _check_out(args) -> None:
@@ -116,7 +117,7 @@ def _run_spec(args, command: str, extra: dict):
     work_dir = args.work_dir or args.out.with_name(args.out.name + ".work")
     spec = RunSpec(args.teacher, tuple(args.data), preset, work_dir, args.seed, args.text_field)
     identity = {"command": command, "teacher": args.teacher, "data": list(args.data), "seed": args.seed,
-                "preset": json.loads(json.dumps(_asdict(preset))), **extra}
+                "preset": preset.identity(), **extra}
     return spec, identity
 
 

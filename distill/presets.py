@@ -3,8 +3,10 @@ measured throughput, and the `--set path.to.field=value` parser that edits them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass, replace
+import json
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 
+from distill.distributed import ParallelConfig
 from distill.errors import UserError
 from distill.selection import ScoreConfig
 from distill.stages import Stage2Config
@@ -21,6 +23,13 @@ class Preset:
     stage2: Stage2Config
     stage3: TrainConfig  # steps=0: no Stage 3
     align_loss: str = "l2"  # Stage 1: "l2" (||t - s|| / sqrt(d), the reference) or "mse"
+    parallel: ParallelConfig = ParallelConfig()  # how it runs, not what it computes: not in `identity`
+
+    def identity(self) -> dict:
+        """The settings a rerun must match to continue a run's work dir (JSON types)."""
+        settings = asdict(self)
+        del settings["parallel"]
+        return json.loads(json.dumps(settings))
 
     @property
     def seq_lens(self) -> list[int]:

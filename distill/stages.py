@@ -116,16 +116,16 @@ def run_stage1(
     if student.config.softmax_layers:
         raise ValueError(f"Stage 1 expects an all-linear student; layers {student.config.softmax_layers} are softmax")
     freeze_all_but_mixers(student)
-    mixers = [layer.linear_attn for layer in student.model.layers]
     order = BlockOrder(len(data.train), cfg.seed)
     accum = cfg.grad_accum(runtime.world)
 
     def get_batch(step: int, micro: int) -> torch.Tensor:
         return batch_for_step(data, order, step, micro, cfg.micro_batch, accum, runtime.rank, runtime.world)
 
-    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss_fn(model: HybridForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         taps = capture_attention(teacher, ids)
-        losses = [alignment_loss(mixer(x)[0], y, loss_kind) for mixer, (x, y) in zip(mixers, taps)]
+        layers = model.model.layers
+        losses = [alignment_loss(layer.linear_attn(x)[0], y, loss_kind) for layer, (x, y) in zip(layers, taps)]
         return torch.stack(losses).mean(), {}
 
     def evaluate() -> dict:
@@ -134,7 +134,7 @@ def run_stage1(
 
     groups = [{"params": mixer_parameters(student), "lr": cfg.lr, "name": "mixers"}]
     log = train("stage1 align", student, groups, loss_fn, get_batch, cfg, work_dir, runtime,
-                evaluate if eval_set is not None else None)
+                evaluate if eval_set is not None else None, units=[layer.linear_attn for layer in student.model.layers])
     student.requires_grad_(True)
     return log
 
@@ -202,17 +202,17 @@ def run_stage2(
         def get_batch(step: int, micro: int) -> torch.Tensor:
             return batch_for_step(data, order, step, micro, tcfg.micro_batch, accum, runtime.rank, runtime.world)
 
-    def loss_fn(batch) -> tuple[torch.Tensor, dict]:
+    def loss_fn(model: HybridForCausalLM, batch) -> tuple[torch.Tensor, dict]:
         ids, h_t = batch if isinstance(batch, tuple) else (batch, run_teacher(batch))
-        h_s = student.model(input_ids=ids, use_cache=False).last_hidden_state
-        return kl_from_hidden(h_s, student.lm_head.weight, h_t, teacher_weight, runtime.amp_dtype), {}
+        h_s = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        return kl_from_hidden(h_s, model.lm_head.weight, h_t, teacher_weight, runtime.amp_dtype), {}
 
     def evaluate() -> dict:
         return {"eval_kl": heldout_kl(student, eval_set, runtime)}
 
     groups = stage2_param_groups(student, tcfg.lr, cfg.other_lr)
     return train(name, student, groups, loss_fn, get_batch, tcfg, work_dir, runtime,
-                 evaluate if eval_set is not None else None)
+                 evaluate if eval_set is not None else None, units=list(student.model.layers))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,9 +239,9 @@ def run_stage3(
     def get_batch(step: int, micro: int) -> torch.Tensor:
         return batch_for_step(data, order, step, micro, cfg.micro_batch, accum, runtime.rank, runtime.world)
 
-    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        h = student.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-        logits = student.lm_head(h).float()
+    def loss_fn(model: HybridForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        h = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        logits = model.lm_head(h).float()
         return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()), {}
 
     def evaluate() -> dict:
@@ -249,4 +249,4 @@ def run_stage3(
 
     groups = [{"params": [p for p in student.parameters() if p.requires_grad], "lr": cfg.lr, "name": "all"}]
     return train("stage3 finetune", student, groups, loss_fn, get_batch, cfg, work_dir, runtime,
-                 evaluate if eval_set is not None else None)
+                 evaluate if eval_set is not None else None, units=list(student.model.layers))

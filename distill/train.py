@@ -3,39 +3,38 @@
     for step in range(start, steps):
         lr = base_lr * schedule(step)
         for micro in range(grad_accum):                 # batch = micro_batch x grad_accum x processes
-            loss = loss_fn(get_batch(step, micro)) / grad_accum
-            loss.backward()
-        average gradients across processes; clip to grad_clip; optimizer.step()
+            loss = loss_fn(model, get_batch(step, micro)) / grad_accum
+            loss.backward()                             # several processes: FSDP2 reduce-scatters at the last micro
+        clip to grad_clip; optimizer.step()
         log a JSONL record; evaluate every eval_every steps; checkpoint every save_every steps
 
-A checkpoint (`ckpt.pt`, replaced atomically) holds the trainable parameters, the optimiser state,
-the RNG states and the step; the batch of a step is a pure function of the step (see
-`distill.data.batch_for_step`), so the step is the data position. The frozen parameters are not
-saved: they come from the stage's input, which is itself a finished checkpoint. Rerunning a killed
-stage therefore continues from its last checkpoint and ends with the same weights as a run that was
-never interrupted.
+The model is held whole by one process and FSDP2-sharded by several (`distill.sharding`). A
+checkpoint (`ckpt.pt`, or the sharded `ckpt.dcp/` of several processes, both replaced atomically:
+`distill.train_state`) holds the trainable parameters, the optimiser state, the RNG states and the
+step; the batch of a step is a pure function of the step (see `distill.data.batch_for_step`), so the
+step is the data position. The frozen parameters are not saved: they come from the stage's input,
+which is itself a finished checkpoint. Rerunning a killed stage (with as many processes) therefore
+continues from its last checkpoint and ends with the same weights as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from distill.atomic_io import atomic_file
 from distill.distributed import Runtime
 from distill.errors import UserError
+from distill.sharding import LossFn, trainee_for
 
-CHECKPOINT = "ckpt.pt"
 LOG = "log.jsonl"
 
 
@@ -98,49 +97,6 @@ def make_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Ad
                              fused=fused or None)
 
 
-# ---------------------------------------------------------------------------------------------
-# Resumable state
-# ---------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict) -> None:
-    state = {
-        "step": step,
-        "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
-        "rng": _rng_state(),
-        **extra,
-    }
-    with atomic_file(path) as tmp:  # a kill leaves the previous checkpoint intact
-        torch.save(state, tmp)
-
-
-@torch.no_grad()
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    for name, value in state["params"].items():
-        params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
-    return state
-
-
 def read_log(work_dir: Path) -> list[dict]:
     path = Path(work_dir) / LOG
     if not path.is_file():
@@ -158,9 +114,16 @@ def _to_device(batch, device: torch.device):
     return batch.to(device, non_blocking=True)
 
 
-LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
 BatchFn = Callable[[int, int], object]  # (step, micro) -> token ids [micro_batch, seq_len] (or a tuple of tensors)
 EvalFn = Callable[[], dict]
+
+
+def _clip(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm (over all shards); returns the norm before clipping."""
+    if not max_norm:
+        return torch.tensor(0.0)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def train(
@@ -174,23 +137,30 @@ def train(
     runtime: Runtime,
     evaluate: EvalFn | None = None,
     show_progress: bool | None = None,
+    units: list[nn.Module] = (),
 ) -> list[dict]:
-    """Train `model` for cfg.steps steps (resuming from work_dir/ckpt.pt if present); returns the log."""
+    """Train `model` for cfg.steps steps (resuming from work_dir's checkpoint if present); returns the log.
+
+    loss_fn(model, batch) computes the loss on the model it is given (under several processes, the
+    sharded copy); `units` are the submodules FSDP shards one by one (and activation checkpointing
+    recomputes). `evaluate` runs on `model`, which holds the trained weights whenever it is called.
+    """
     cfg.check(name)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     accum = cfg.grad_accum(runtime.world)
-    optimizer = make_optimizer(param_groups, cfg)
+    trainee = trainee_for(model, loss_fn, list(units), runtime)
+    optimizer = make_optimizer(trainee.param_groups(param_groups), cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     settings = asdict(cfg)
 
     start, elapsed = 0, 0.0
     log = read_log(work_dir)
-    if (work_dir / CHECKPOINT).is_file():
-        state = load_checkpoint(work_dir / CHECKPOINT, model, optimizer)
+    state = trainee.load(work_dir, optimizer)
+    if state is not None:
         if state.get("settings") != settings:
             raise UserError(
-                f"{work_dir / CHECKPOINT} was written with other training settings "
+                f"the checkpoint in {work_dir} was written with other training settings "
                 f"({state.get('settings')}); delete {work_dir} to start this stage again"
             )
         start, elapsed = state["step"], state["elapsed"]
@@ -203,7 +173,7 @@ def train(
     tokens_per_step = cfg.batch * cfg.seq_len
     bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
                disable=not (runtime.is_main if show_progress is None else show_progress))
-    model.train()
+    trainee.module.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         factor = lr_factor(cfg, step)
@@ -213,14 +183,14 @@ def train(
         loss_sum = torch.zeros((), device=runtime.device)
         for micro in range(accum):
             batch = _to_device(get_batch(step, micro), runtime.device)
+            trainee.sync_gradients(micro == accum - 1)
             with runtime.autocast():
-                loss, metrics = loss_fn(batch)
+                loss, metrics = trainee.loss(batch)
             (loss / accum).backward()
             loss_sum += loss.detach().float() / accum  # read once per step: no host sync per micro-batch
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / accum
-        runtime.average_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
+        grad_norm = _clip(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         totals["loss"], grad_norm = (float(x) for x in torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist())
@@ -232,6 +202,7 @@ def train(
         record.update(step=done, lr=cfg.lr * factor, grad_norm=float(grad_norm), tokens=done * tokens_per_step,
                       tok_per_s=tokens_per_step / seconds, elapsed_s=round(elapsed, 3))
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+            trainee.publish()
             model.eval()
             record.update(evaluate())
             model.train()
@@ -239,11 +210,13 @@ def train(
         if runtime.is_main:
             with open(work_dir / LOG, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
-                save_checkpoint(work_dir / CHECKPOINT, model, optimizer, done, {"elapsed": elapsed, "settings": settings})
+        if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
+            trainee.save(work_dir, optimizer, done, {"elapsed": elapsed, "settings": settings})
         runtime.barrier()
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
     bar.close()
+    trainee.publish()
+    trainee.close()
     model.eval()
     return log

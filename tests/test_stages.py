@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
 from distill.data import DataSpec, prepare_data
-from distill.distributed import Runtime
+from distill.distributed import ParallelConfig, Runtime
 from distill.evaluate import EvalSet, heldout_kl
 from distill.model.config import LINEAR_ATTENTION
 from distill.model.transfer import hybrid_from_teacher, restore_softmax
@@ -114,6 +115,22 @@ def test_kl_falls_from_stage0_to_stage1_to_stage2(setup, tmp_path):
     assert kl0 > 1.1 * kl1 > 0 and kl1 > 1.1 * kl2 > 0, (kl0, kl1, kl2)
 
 
+def test_activation_checkpointing_changes_no_number(setup, tmp_path):
+    """Stage 2 with every decoder layer recomputed in backward ends with the same weights, and the
+    model is left without the recomputation hooks."""
+    teacher, _, data, _ = setup
+    base = restore_softmax(all_linear(teacher), teacher, [1])
+    cfg = Stage2Config(TrainConfig(steps=3, seq_len=SEQ, batch=2, micro_batch=1, lr=1e-3, schedule="constant",
+                                   save_every=0))
+    plain, recomputed = copy.deepcopy(base), copy.deepcopy(base)
+    run_stage2(teacher, plain, data, cfg, tmp_path / "plain", CPU)
+    checkpointing = replace(CPU, parallel=ParallelConfig(activation_checkpointing=True))
+    run_stage2(teacher, recomputed, data, cfg, tmp_path / "recomputed", checkpointing)
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+        assert torch.equal(a, b), name
+    assert not any("forward" in vars(layer) for layer in recomputed.model.layers)
+
+
 def test_stage2_lr_groups():
     teacher, _ = make_teacher("llama", num_layers=2, hidden=32, heads=2, kv_heads=1)
     hybrid = restore_softmax(all_linear(teacher), teacher, [0])
@@ -153,8 +170,8 @@ def test_training_loop_resumes_to_identical_weights(tmp_path):
         m.load_state_dict(init_state)
         cfg = TrainConfig(steps=6, seq_len=1, batch=4, micro_batch=2, lr=1e-2, save_every=1)
 
-        def loss_fn(x):
-            return m(x).pow(2).mean() + 1e-3 * torch.randn(()), {}  # uses the RNG: resume must restore it
+        def loss_fn(model, x):
+            return model(x).pow(2).mean() + 1e-3 * torch.randn(()), {}  # uses the RNG: resume must restore it
 
         def get_batch(step, micro):
             if step >= steps:
