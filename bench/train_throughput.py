@@ -79,6 +79,27 @@ SHAPES = {
         hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
         head_dim=128, vocab_size=151936, rope_theta=1000000.0, tie_word_embeddings=True, model_type="qwen2",
         rms_norm_eps=1e-6),
+    # the teachers of the scale plan (bench/scale_plan.py, docs/scale-out.md): their published configs' shapes
+    "llama-3.2-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=64, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True, model_type="llama",
+        attention_bias=False, rms_norm_eps=1e-5),
+    "llama-3.2-3b": dict(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+        head_dim=128, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True, model_type="llama",
+        attention_bias=False, rms_norm_eps=1e-5),
+    "qwen2.5-7b": dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        head_dim=128, vocab_size=152064, rope_theta=1000000.0, tie_word_embeddings=False, model_type="qwen2",
+        rms_norm_eps=1e-6),
+    "llama-3.1-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False, model_type="llama",
+        attention_bias=False, rms_norm_eps=1e-5),
+    "llama-3.1-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=128, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False, model_type="llama",
+        attention_bias=False, rms_norm_eps=1e-5),
 }
 
 
