@@ -112,8 +112,8 @@ def test_every_claimed_volume_is_declared():
             assert used <= claims, (obj["metadata"]["name"], used - claims)
 
 
-@pytest.mark.parametrize("where,argv", container_commands(), ids=lambda x: x if isinstance(x, str) else "")
-def test_every_container_command_parses_with_our_cli(where, argv):
+@pytest.mark.parametrize("argv", [pytest.param(argv, id=where) for where, argv in container_commands()])
+def test_every_container_command_parses_with_our_cli(argv):
     args = parse_hybrid(argv)
     if args is not None and getattr(args, "data", None):
         resolve_sources(tuple(args.data))
