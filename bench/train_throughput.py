@@ -79,28 +79,25 @@ SHAPES = {
         hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
         head_dim=128, vocab_size=151936, rope_theta=1000000.0, tie_word_embeddings=True, model_type="qwen2",
         rms_norm_eps=1e-6),
-    # the teachers of the scale plan (bench/scale_plan.py, docs/scale-out.md): their published configs' shapes
-    "llama-3.2-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=64, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True, model_type="llama",
-        attention_bias=False, rms_norm_eps=1e-5),
-    "llama-3.2-3b": dict(
-        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-        head_dim=128, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True, model_type="llama",
-        attention_bias=False, rms_norm_eps=1e-5),
-    "qwen2.5-7b": dict(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-        head_dim=128, vocab_size=152064, rope_theta=1000000.0, tie_word_embeddings=False, model_type="qwen2",
-        rms_norm_eps=1e-6),
-    "llama-3.1-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=128, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False, model_type="llama",
-        attention_bias=False, rms_norm_eps=1e-5),
-    "llama-3.1-70b": dict(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-        head_dim=128, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False, model_type="llama",
-        attention_bias=False, rms_norm_eps=1e-5),
 }
+
+
+def _published(family: str, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int, vocab: int,
+               theta: float, tied: bool) -> dict:
+    extra = {"attention_bias": False, "rms_norm_eps": 1e-5} if family == "llama" else {"rms_norm_eps": 1e-6}
+    return dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, rope_theta=theta,
+                tie_word_embeddings=tied, model_type=family, **extra)
+
+
+# the teachers of the scale plan (bench/scale_plan.py, docs/scale-out.md): their published configs' shapes
+SHAPES.update({
+    "llama-3.2-1b": _published("llama", 16, 2048, 8192, 32, 8, 64, 128256, 500000.0, tied=True),
+    "llama-3.2-3b": _published("llama", 28, 3072, 8192, 24, 8, 128, 128256, 500000.0, tied=True),
+    "qwen2.5-7b": _published("qwen2", 28, 3584, 18944, 28, 4, 128, 152064, 1000000.0, tied=False),
+    "llama-3.1-8b": _published("llama", 32, 4096, 14336, 32, 8, 128, 128256, 500000.0, tied=False),
+    "llama-3.1-70b": _published("llama", 80, 8192, 28672, 64, 8, 128, 128256, 500000.0, tied=False),
+})
 
 
 def shape_config(name: str):
