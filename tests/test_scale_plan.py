@@ -60,7 +60,7 @@ def test_parameter_counts_are_exact(family, tied, stage):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_state_bytes_match_a_real_adamw_step(stage):
+def test_state_bytes_match_a_real_adamw_step(stage, one_thread):
     """fp32 weights, fp32 gradients of what trains, AdamW's two moments: TRAIN_BYTES / FROZEN_BYTES."""
     config = tiny_config("qwen2", tied=False)
     student = student_for(config, stage).float()

@@ -103,7 +103,7 @@ def _rank_mixer(full: GatedDeltaNet, config, tp: int, rank: int) -> GatedDeltaNe
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-def test_gdn_mixer_split_over_ranks_computes_the_same_output(tp):
+def test_gdn_mixer_split_over_ranks_computes_the_same_output(tp, one_thread):
     teacher = AutoConfig.for_model(  # qwen2: q/k/v biases travel with their rows too
         "qwen2", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
