@@ -82,6 +82,24 @@ SHAPES = {
 }
 
 
+def _published(family: str, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int, vocab: int,
+               theta: float, tied: bool) -> dict:
+    extra = {"attention_bias": False, "rms_norm_eps": 1e-5} if family == "llama" else {"rms_norm_eps": 1e-6}
+    return dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, rope_theta=theta,
+                tie_word_embeddings=tied, model_type=family, **extra)
+
+
+# the teachers of the scale plan (bench/scale_plan.py, docs/scale-out.md): their published configs' shapes
+SHAPES.update({
+    "llama-3.2-1b": _published("llama", 16, 2048, 8192, 32, 8, 64, 128256, 500000.0, tied=True),
+    "llama-3.2-3b": _published("llama", 28, 3072, 8192, 24, 8, 128, 128256, 500000.0, tied=True),
+    "qwen2.5-7b": _published("qwen2", 28, 3584, 18944, 28, 4, 128, 152064, 1000000.0, tied=False),
+    "llama-3.1-8b": _published("llama", 32, 4096, 14336, 32, 8, 128, 128256, 500000.0, tied=False),
+    "llama-3.1-70b": _published("llama", 80, 8192, 28672, 64, 8, 128, 128256, 500000.0, tied=False),
+})
+
+
 def shape_config(name: str):
     from transformers import AutoConfig
 

