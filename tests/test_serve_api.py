@@ -179,6 +179,20 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict:
     return error
 
 
+def test_engine_processes_run_with_a_bounded_onednn_primitive_cache(server):
+    """Each new batch shape compiles a oneDNN primitive; the default cache (1024) let the worker grow for
+    as long as a soak ran (serve/README.md, "Soak"). `hybrid serve` bounds it for vLLM's processes."""
+    import psutil
+
+    from serve.server import ONEDNN_PRIMITIVE_CACHE_CAPACITY
+
+    children = psutil.Process(server["proc"].pid).children(recursive=True)
+    engine = [p for p in children if "VLLM" in " ".join(p.cmdline()) or p.name().startswith("VLLM")]
+    assert engine, [p.cmdline() for p in children]
+    for process in engine:
+        assert process.environ().get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == str(ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+
+
 def test_malformed_json_is_a_400(http):
     response = http.post(
         "/v1/completions", headers={**AUTH, "Content-Type": "application/json"},
