@@ -145,7 +145,8 @@ def configure_environment(opts: ServeOptions) -> str:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{opts.kv_cache_space_gib:g}"
         # oneDNN keeps a compiled primitive per GEMM shape, and every new batch size is a new shape: with
         # its default capacity (1024) the worker grew ~190-430 MiB/h under mixed load for as long as we
-        # watched; capped, it is flat at no measurable cost in throughput (serve/README.md, "Soak").
+        # watched; capped, the growth fell to 13-93 MiB/h at no measurable cost in throughput
+        # (serve/README.md, "Soak").
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     return device
