@@ -18,7 +18,8 @@ Model FLOPs per token (matmuls only, causal attention counted once, GDN as its r
 MFU = FLOPs/token x tokens/s / peak bf16 dense FLOP/s of the device.
 
 Each --gdn-backends entry (kernels.gdn.GDN_BACKENDS; "torch" = the pure-torch chunked GDN, "auto" =
-what `hybrid convert` runs) measures both stages with that GDN path set on the student explicitly.
+what `hybrid convert` runs) measures both stages with that GDN path set on the student explicitly, once
+per --compile mode (off: every op eager; on: norms, MLPs and the GDN chain compiled, the CUDA default).
 --baseline adds plain fine-tuning of the teacher architecture (next-token cross-entropy, all
 parameters, the same AdamW, clipping and bf16 autocast as our loop) in the same process.
 """
@@ -31,6 +32,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +173,8 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.25, help="softmax layers in Stage 2 (uniform placement)")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     p.add_argument("--gdn-backends", nargs="+", default=["auto"], help="GDN paths to measure (kernels.gdn.GDN_BACKENDS)")
+    p.add_argument("--compile", nargs="+", choices=["off", "on"], default=["on"],
+                   help="measure with the elementwise work eager and/or compiled (parallel.compile; on is the CUDA default)")
     p.add_argument("--baseline", action="store_true", help="also time plain fine-tuning of the teacher")
     p.add_argument("--profile-dir", type=Path, help="profile one step per stage of the last backend into this dir")
     p.add_argument("--label", default="", help="a free-text label stored with each row")
@@ -181,7 +185,7 @@ def main() -> None:
 
     from distill.model.config import LINEAR_ATTENTION
     from distill.data import PackedData
-    from distill.distributed import init_runtime
+    from distill.distributed import ParallelConfig, init_runtime
     from distill.model.gdn_mixer import set_gdn_backend
     from distill.placement import k_from_ratio, uniform_softmax_layers
     from distill.model.transfer import restore_softmax
@@ -220,7 +224,8 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
-    def row(what: str, log: list[dict], micro: int, flops: float, seconds: float, backend: str | None) -> dict:
+    def row(what: str, log: list[dict], micro: int, flops: float, seconds: float, backend: str | None,
+            compiled: bool) -> dict:
         timed = log[args.warmup :]
         per_step = micro * args.seq * runtime.world
         tok_s = len(timed) * per_step / sum(per_step / r["tok_per_s"] for r in timed)
@@ -230,6 +235,7 @@ def main() -> None:
             "softmax_layers": softmax if what == "stage2" else None, "timed_steps": len(timed), "tok_per_s": round(tok_s),
             "model_gflop_per_token": round(flops / 1e9, 3), "mfu": round(flops * tok_s / peak, 4) if peak else None,
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "compile": compiled, "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
             "torch": torch.__version__, "wall_s": round(seconds, 1), "label": args.label,
             "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         }
@@ -247,14 +253,9 @@ def main() -> None:
         return s1, s2
 
     steps = args.steps + args.warmup
-    if args.baseline:
-        reset_memory()
-        t0 = time.perf_counter()
-        log = plain_finetune(teacher, data, args.micro_batch, args.steps, args.warmup, runtime)
-        row("plain_finetune", log, args.micro_batch, baseline_flops(config, args.seq), time.perf_counter() - t0, None)
 
-    for i, backend in enumerate(args.gdn_backends):
-        profile = args.profile_dir if (args.profile_dir and i == len(args.gdn_backends) - 1) else None
+    def measure_stages(backend: str, rt, profile: Path | None) -> None:
+        tag = f"GDN {backend}, compile {'on' if rt.compiles else 'off'}"
         student = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * L).to(runtime.device)
         set_gdn_backend(student, backend)
         s1, s2 = stage_configs(steps)
@@ -262,26 +263,41 @@ def main() -> None:
             if 1 in args.stages:
                 reset_memory()
                 t0 = time.perf_counter()
-                log = run_stage1(teacher, student, data, s1, Path(tmp) / "s1", runtime)
-                row("stage1", log, args.micro_batch, stage_flops(config, args.seq, [], 1), time.perf_counter() - t0, backend)
+                log = run_stage1(teacher, student, data, s1, Path(tmp) / "s1", rt)
+                row("stage1", log, args.micro_batch, stage_flops(config, args.seq, [], 1), time.perf_counter() - t0,
+                    backend, rt.compiles)
                 if profile:
                     one, _ = stage_configs(1)
-                    profile_one_step(lambda: run_stage1(teacher, student, data, one, Path(tmp) / "p1", runtime),
-                                     profile / "profile.md", f"Stage 1 step, {name}, GDN {backend}, {args.micro_batch} x {args.seq}")
+                    profile_one_step(lambda: run_stage1(teacher, student, data, one, Path(tmp) / "p1", rt),
+                                     profile / "profile.md", f"Stage 1 step, {name}, {tag}, {args.micro_batch} x {args.seq}")
             if 2 in args.stages:
                 hybrid = restore_softmax(student, teacher, softmax)
                 del student
                 reset_memory()
                 t0 = time.perf_counter()
-                log = run_stage2(teacher, hybrid, data, s2, Path(tmp) / "s2", runtime)
-                row("stage2", log, micro2, stage_flops(config, args.seq, softmax, 2), time.perf_counter() - t0, backend)
+                log = run_stage2(teacher, hybrid, data, s2, Path(tmp) / "s2", rt)
+                row("stage2", log, micro2, stage_flops(config, args.seq, softmax, 2), time.perf_counter() - t0,
+                    backend, rt.compiles)
                 if profile:
                     _, one = stage_configs(1)
-                    profile_one_step(lambda: run_stage2(teacher, hybrid, data, one, Path(tmp) / "p2", runtime),
-                                     profile / "profile.md", f"Stage 2 step, {name}, GDN {backend}, {micro2} x {args.seq}")
+                    profile_one_step(lambda: run_stage2(teacher, hybrid, data, one, Path(tmp) / "p2", rt),
+                                     profile / "profile.md", f"Stage 2 step, {name}, {tag}, {micro2} x {args.seq}")
                 del hybrid
             else:
                 del student
+
+    for mode in args.compile:
+        compiled = mode == "on"
+        rt = replace(runtime, parallel=ParallelConfig(compile=compiled))
+        if args.baseline:
+            reset_memory()
+            t0 = time.perf_counter()
+            log = plain_finetune(teacher, data, args.micro_batch, args.steps, args.warmup, rt)
+            row("plain_finetune", log, args.micro_batch, baseline_flops(config, args.seq), time.perf_counter() - t0,
+                None, compiled)
+        for i, backend in enumerate(args.gdn_backends):
+            last = i == len(args.gdn_backends) - 1 and mode == args.compile[-1]
+            measure_stages(backend, rt, args.profile_dir if (args.profile_dir and last) else None)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class ParallelConfig:
     change it and still continue the run."""
 
     activation_checkpointing: bool = False  # recompute each decoder layer (Stage 1: each mixer) in backward
+    compile: bool | None = None  # torch.compile the elementwise work (distill.model.compiled); None: on CUDA
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     amp_dtype: torch.dtype | None = None  # autocast dtype (bf16 on CUDA); None = full precision
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def compiles(self) -> bool:
+        """Whether training compiles its elementwise work (`parallel.compile`; by default on CUDA only)."""
+        return self.device.type == "cuda" if self.parallel.compile is None else self.parallel.compile
 
     @property
     def is_main(self) -> bool:

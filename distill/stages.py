@@ -28,6 +28,7 @@ from torch import nn
 from distill.data import BlockOrder, PackedData, batch_for_step
 from distill.distributed import Runtime
 from distill.evaluate import EvalSet, heldout_kl, kl_from_hidden
+from distill.model.compiled import set_compiled
 from distill.model.config import LINEAR_ATTENTION
 from distill.model.modeling import HybridForCausalLM
 from distill.train import TrainConfig, train
@@ -116,6 +117,8 @@ def run_stage1(
     if student.config.softmax_layers:
         raise ValueError(f"Stage 1 expects an all-linear student; layers {student.config.softmax_layers} are softmax")
     freeze_all_but_mixers(student)
+    set_compiled(teacher, runtime.compiles)
+    align = torch.compile(alignment_loss) if runtime.compiles else alignment_loss
     order = BlockOrder(len(data.train), cfg.seed)
     accum = cfg.grad_accum(runtime.world)
 
@@ -125,7 +128,7 @@ def run_stage1(
     def loss_fn(model: HybridForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         taps = capture_attention(teacher, ids)
         layers = model.model.layers
-        losses = [alignment_loss(layer.linear_attn(x)[0], y, loss_kind) for layer, (x, y) in zip(layers, taps)]
+        losses = [align(layer.linear_attn(x)[0], y, loss_kind) for layer, (x, y) in zip(layers, taps)]
         return torch.stack(losses).mean(), {}
 
     def evaluate() -> dict:
@@ -193,6 +196,7 @@ def run_stage2(
         if layer.layer_type == LINEAR_ATTENTION:
             layer.linear_attn.conv1d.weight.requires_grad_(student.config.linear_conv_trainable)
     teacher_weight = teacher.lm_head.weight.detach()
+    set_compiled(teacher, runtime.compiles)
     run_teacher = teacher_hidden_fn(teacher)
 
     if get_batch is None:

@@ -1,4 +1,4 @@
-"""Depthwise causal 1-D convolution (the short conv in front of a GDN mixer)."""
+"""Depthwise causal 1-D convolution (the short conv in front of a GDN mixer), channels last."""
 
 from __future__ import annotations
 
@@ -7,15 +7,19 @@ import torch.nn.functional as F
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [B, C, T], weight [C, 1, W] -> y [B, C, T] with y_t = sum_j weight[:, 0, j] * x_{t - (W-1) + j}.
+    """x [B, T, C], weight [C, W] -> y [B, T, C] with y_t = sum_j weight[:, j] * x_{t - (W-1) + j}.
 
-    Positions before the start read zeros, so weight[..., -1] is the tap on the current token.
-    float32 inputs get float32 arithmetic: cuDNN would otherwise be free to run the conv in TF32
-    (torch's default, and `init_runtime` turns it on), ~1e-3 relative error against the decode step's
-    exact window dot product.
+    Positions before the start read zeros, so weight[:, -1] is the tap on the current token. Written as
+    W shifted multiply-adds rather than F.conv1d: in the [B, T, C] layout the projections produce (no
+    transposes), exact float32 products (cuDNN may run a float32 conv in TF32, ~1e-3 relative error
+    against the decode step's window), and a form torch.compile fuses with the SiLU and the l2norm
+    after it into one kernel, forward and backward (distill.model.gdn_mixer). The arithmetic is in
+    the promoted dtype of x and weight (float32 for bf16 activations and float32 weights).
     """
     width = weight.shape[-1]
-    if x.dtype == torch.float32 and x.is_cuda:
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            return F.conv1d(F.pad(x, (width - 1, 0)), weight, groups=x.shape[1])
-    return F.conv1d(F.pad(x, (width - 1, 0)), weight, groups=x.shape[1])
+    seq_len = x.shape[1]
+    padded = F.pad(x, (0, 0, width - 1, 0))  # [B, T + W - 1, C]
+    y = padded[:, :seq_len] * weight[:, 0]
+    for j in range(1, width):
+        y = y + padded[:, j : j + seq_len] * weight[:, j]
+    return y

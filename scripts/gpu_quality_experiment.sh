@@ -5,6 +5,7 @@
 # device call each, back to back while the machine is warm (it keeps /root/x between calls):
 #
 #   prep     carry [.whl, .device/smol.gguf.aa, .device/en-mix-train.jsonl.xz, .device/en-mix-validation.jsonl.xz]
+#            (RANKINGS=bench/results/quality_h100 reuses committed rankings instead of the score phase)
 #   align    carry [.whl, .device/smol.gguf.ab, .device/smol.gguf.ac]   joins the GGUF; Stage 1; kl-restore ranking
 #   score    carry [.whl]       GA-S2, GA-S1 and ablation rankings
 #   distill  carry [.whl]       Stage 2 for each layer choice in $HYBRIDS (default: ga-s2 uniform)
@@ -52,6 +53,10 @@ k_of() { python3 -c "import sys; from distill.placement import k_from_ratio; pri
 case $PHASE in
   prep)
     cp .device/smol.gguf.aa .device/en-mix-train.jsonl.xz .device/en-mix-validation.jsonl.xz "$X/"
+    # RANKINGS=DIR reuses the rankings an earlier run committed (DIR/ranking-NAME.json), e.g. for more seeds
+    for r in ${RANKINGS:+$RANKINGS/ranking-*.json}; do
+      n=${r##*/ranking-}; n=${n%.json}; mkdir -p "$X/rank-$n" && cp "$r" "$X/rank-$n/ranking.json"
+    done
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     python3 -c "import torch, transformers, gguf; from kernels.gdn import fla_available; \
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla', fla_available())"

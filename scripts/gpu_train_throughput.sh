@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# (Planned, not run on 2026-12-05: the device time went to failed starts; scripts/gpu_all.sh ran instead.)
-# Training throughput before/after on the GPU machine, in one process per shape (device `run` tool,
-# carry [".whl"]): "torch" = the pure-torch chunked GDN (the path before issue 14), "auto" = what
-# `hybrid convert` runs now; plus plain fine-tuning of the same teacher. Random weights (throughput does
-# not depend on them). Then peak memory of each stage at the `small` and `paper` presets' micro-batch
-# shapes (2 timed steps each, default path). Results: $OUT/train_throughput.jsonl and a log.
+# Training throughput on the GPU machine (device `run` tool, carry [".whl"]), one process per shape, every
+# row of a shape from the same process: plain fine-tuning of the teacher and Stage 1 / Stage 2 on the path
+# `hybrid convert` runs by default (GDN auto), each with the elementwise work eager ("compile off", the path
+# before torch.compile) and compiled ("on", the CUDA default). Random weights (throughput does not depend on
+# them). Results: $OUT/train_throughput.jsonl, a log, and a profile of one compiled step per stage.
+# PRESET_MEMORY=1 adds peak memory at the `small` and `paper` presets' micro-batch shapes.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 source scripts/gpu_env.sh
 TT="python3 bench/train_throughput.py --out $OUT/train_throughput.jsonl"
 {
-  $TT --shape smollm2-135m --seq 2048 --micro-batch 8 --steps "${STEPS:-5}" --warmup 3 --gdn-backends torch auto --baseline --label before-after
-  $TT --shape qwen2.5-1.5b --seq 2048 --micro-batch 4 --steps "${QWEN_STEPS:-3}" --warmup 2 --gdn-backends torch auto --baseline --label before-after
-  if [ "${PRESET_MEMORY:-1}" = 1 ]; then
+  timeout "${SMOL_LIMIT:-330}" $TT --shape smollm2-135m --seq 2048 --micro-batch 8 --steps "${STEPS:-6}" --warmup 3 \
+    --compile off on --baseline --profile-dir "$OUT" --label compile
+  if [ "${QWEN:-1}" = 1 ]; then
+    timeout "${QWEN_LIMIT:-200}" $TT --shape qwen2.5-1.5b --seq 2048 --micro-batch 4 --steps "${QWEN_STEPS:-3}" --warmup 2 \
+      --compile off on --baseline --label compile
+  fi
+  if [ "${PRESET_MEMORY:-0}" = 1 ]; then
     for shape in smollm2-135m qwen2.5-1.5b; do
       $TT --shape $shape --seq 512 --micro-batch 16 --steps 2 --warmup 1 --stages 1 --label "preset small stage1"
       $TT --shape $shape --seq 512 --micro-batch 32 --steps 2 --warmup 1 --stages 1 --label "preset paper stage1"

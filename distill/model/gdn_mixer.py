@@ -18,6 +18,7 @@ the chunked GDN implementation and `gdn_decode_step` (GDN_DECODE_STEPS) the one-
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,6 +31,13 @@ from kernels.conv import causal_conv1d
 from kernels.gdn import GDN_BACKENDS, GDN_DECODE_STEPS, chunk_gated_delta_rule, l2norm, recurrent_gated_delta_rule
 
 
+def gated_rms_norm(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over each head's output [..., V], times weight and SiLU(gate), in float32; gate's dtype out."""
+    o = o.float()
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * o * F.silu(gate.float())).to(gate.dtype)
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm over each head's output, times SiLU(gate)."""
 
@@ -39,10 +47,44 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * x.to(dtype)) * F.silu(gate.float()).to(dtype)
+        return gated_rms_norm(x, gate, self.weight, self.eps)
+
+
+def gdn_kernel_inputs(
+    conv_in: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    conv_weight: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    num_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+) -> tuple[torch.Tensor, ...]:
+    """The elementwise chain between the input projections and the gated delta rule.
+
+    conv_in [B, L, conv_dim]: q|k|v of the new tokens, after any cached conv window (L >= T, T = a's
+    length); a, b [B, T, H]; conv_weight [conv_dim, W]. Returns q, k [B, T, H, K], v [B, T, H, V] and
+    beta [B, T, H] in conv_in's dtype, and the log-decay g [B, T, H] in float32. One pure function so
+    that training runs it compiled (one fused kernel forward and backward instead of ~20; see
+    `compile_for_training`), and decoding, the CPU and serving parity run the same formula eagerly.
+    """
+    batch, seq_len, _ = a.shape
+    dtype = conv_in.dtype
+    key_dim = num_heads * head_k_dim
+    qkv = F.silu(causal_conv1d(conv_in, conv_weight)[:, -seq_len:])
+    q, k, v = qkv.split([key_dim, key_dim, num_heads * head_v_dim], dim=-1)
+    q = l2norm(q.reshape(batch, seq_len, num_heads, head_k_dim)).to(dtype)
+    k = l2norm(k.reshape(batch, seq_len, num_heads, head_k_dim)).to(dtype)
+    v = v.reshape(batch, seq_len, num_heads, head_v_dim).to(dtype)
+    beta = b.float().sigmoid().to(dtype)
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    return q, k, v, g, beta
+
+
+@functools.cache
+def _compiled_kernel_inputs():
+    return torch.compile(gdn_kernel_inputs)
 
 
 class GatedDeltaNet(nn.Module):
@@ -73,6 +115,7 @@ class GatedDeltaNet(nn.Module):
         self.o_proj = nn.Linear(self.value_dim, hidden, bias=o_bias)
         self.gdn_backend = "auto"  # chunked path (prefill, training): kernels.gdn.GDN_BACKENDS
         self.gdn_decode_step = "auto"  # one-token path: kernels.gdn.GDN_DECODE_STEPS
+        self.compiled = False  # run the elementwise chains compiled (training on CUDA): `compile_for_training`
         self.reset_gdn_parameters()
 
     @torch.no_grad()
@@ -113,22 +156,13 @@ class GatedDeltaNet(nn.Module):
 
         cache = past_key_values
         has_state = cache is not None and cache.has_previous_state(self.layer_idx)
-        qkv = qkv.transpose(1, 2)  # [B, conv_dim, T]
         if cache is not None:
-            # returns the cached last inputs followed by the new ones; keeps the last `conv_width`
-            qkv = cache.update_conv_state(qkv, self.layer_idx, conv_kernel_size=self.conv_width)
-        if has_state and seq_len == 1:  # decode: one dot product per channel over the window
-            window = qkv[..., -self.conv_width :]  # [B, conv_dim, W]
-            qkv = F.silu((window * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)).transpose(1, 2)
-        else:
-            qkv = F.silu(causal_conv1d(qkv, self.conv1d.weight)[..., -seq_len:]).transpose(1, 2)
-
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2norm(q.reshape(batch, seq_len, self.num_heads, self.head_k_dim))
-        k = l2norm(k.reshape(batch, seq_len, self.num_heads, self.head_k_dim))
-        v = v.reshape(batch, seq_len, self.num_heads, self.head_v_dim)
-        beta = b.sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+            # transformers' cache keeps [B, conv_dim, W] and returns the cached window followed by the new inputs
+            qkv = cache.update_conv_state(qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_width)
+            qkv = qkv.transpose(1, 2)
+        inputs = _compiled_kernel_inputs() if self.compiled and cache is None else gdn_kernel_inputs
+        q, k, v, g, beta = inputs(qkv, a, b, self.conv1d.weight[:, 0], self.A_log, self.dt_bias,
+                                  self.num_heads, self.head_k_dim, self.head_v_dim)
         if pad_mask is not None:  # padded positions: k = v = 0 and no decay, so the state is untouched
             g = g * pad_mask.to(g.dtype)
 
@@ -141,7 +175,7 @@ class GatedDeltaNet(nn.Module):
             cache.update_recurrent_state(state, self.layer_idx)
 
         z = z.reshape(batch, seq_len, self.num_heads, self.head_v_dim)
-        o = self.norm(o.to(z.dtype), z).reshape(batch, seq_len, self.value_dim)
+        o = self.norm(o, z).reshape(batch, seq_len, self.value_dim)
         return self.o_proj(o), None
 
 
