@@ -141,11 +141,13 @@ def chunk_gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     backend: str = "auto",
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill / training, differentiable: (o [B, T, H, V], final state [B, H, K, V] fp32).
 
     `backend` picks the implementation (GDN_BACKENDS); "auto" resolves per device, dtype and the
-    installed fla/Triton (`resolve_gdn_backend`). The path taken is logged once per process."""
+    installed fla/Triton (`resolve_gdn_backend`). The path taken is logged once per process.
+    `compiled`: the torch parts of the fla-torch-* backward run through torch.compile."""
     q, k, beta = q.to(v.dtype), k.to(v.dtype), beta.to(v.dtype)  # l2norm under autocast yields fp32
     resolved = resolve_gdn_backend(backend, q.device, v.dtype)
     _log_backend_once(resolved)
@@ -162,7 +164,7 @@ def chunk_gated_delta_rule(
         )
     from kernels.gdn_fla import TorchBackwardParts, fla_chunk_gdn
 
-    parts = TorchBackwardParts(dqkwg=True, wy_repr=resolved.endswith("-wy"))
+    parts = TorchBackwardParts(dqkwg=True, wy_repr=resolved.endswith("-wy"), compiled=compiled)
     return fla_chunk_gdn(q, k, v, g, beta, scale, initial_state, parts)
 
 

@@ -20,6 +20,7 @@ stored row-wise as [B, T, H, BT].
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,12 @@ class TorchBackwardParts:
 
     dqkwg: bool = True
     wy_repr: bool = False
+    compiled: bool = False  # run those torch parts through torch.compile (fused elementwise around the matmuls)
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,13 +180,16 @@ class _FlaChunkGDN(torch.autograd.Function):
         h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=h0, output_final_state=False)
         dv = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale)
         dh, dh0, dv = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=h0, dht=dht, do=do, dv=dv, scale=scale)
+        dqkwg_torch, wy_torch = chunk_bwd_dqkwg_torch, prepare_wy_repr_bwd_torch
+        if parts.compiled:
+            dqkwg_torch, wy_torch = _compiled(dqkwg_torch), _compiled(wy_torch)
         with torch.autocast(device_type="cuda", enabled=False):
             if parts.dqkwg:
-                dq, dk, dw, dg = chunk_bwd_dqkwg_torch(q, k, v_new, g, h, dh, do, dv, scale)
+                dq, dk, dw, dg = dqkwg_torch(q, k, v_new, g, h, dh, do, dv, scale)
             else:
                 dq, dk, dw, dg = chunk_bwd_dqkwg(q=q, k=k, v=v_new, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=scale)
             if parts.wy_repr:
-                dk2, dv, db, dg2 = prepare_wy_repr_bwd_torch(k, v, beta, g, A, dw, dv)
+                dk2, dv, db, dg2 = wy_torch(k, v, beta, g, A, dw, dv)
             else:
                 dk2, dv, db, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv)
             dk = dk + dk2

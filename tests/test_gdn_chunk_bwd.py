@@ -102,3 +102,23 @@ def test_chunk_bwd_dqkwg_matches_autograd(T):
     dq, dk, dw, dg = chunk_bwd_dqkwg_torch(q.detach(), k.detach(), v_new, g.detach(), h_all, dh_all, do, dv, scale)
     for name, got, ref in (("dq", dq, q.grad), ("dk", dk, k.grad), ("dw", dw, w.grad), ("dg", dg, g.grad / LN2)):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_compiled_torch_parts_compute_what_the_eager_ones_do():
+    """Training on CUDA runs both functions through torch.compile (TorchBackwardParts.compiled); here inductor's
+    CPU backend compiles the same graphs: same results as eager on a partial last chunk."""
+    from kernels.gdn_fla import _compiled
+
+    B, T, H, K, V = 2, 100, 3, 16, 8
+    gen = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    q, k, v, beta, g = (x.float() for x in _inputs(B, T, H, K, V, seed=2))
+    A = r(B, T, H, C) * 0.1
+    N = -(-T // C)
+    h, dh = r(B, N, H, K, V), r(B, N, H, K, V)
+    do, dv, dw, du = r(B, T, H, V), r(B, T, H, V), r(B, T, H, K), r(B, T, H, V)
+
+    for fn, args in ((chunk_bwd_dqkwg_torch, (q, k, v, g, h, dh, do, dv, K**-0.5)),
+                     (prepare_wy_repr_bwd_torch, (k, v, beta, g, A, dw, du))):
+        for got, ref in zip(_compiled(fn)(*args), fn(*args)):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

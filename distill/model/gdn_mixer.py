@@ -170,7 +170,8 @@ class GatedDeltaNet(nn.Module):
         if state is not None and seq_len == 1:
             o, state = recurrent_gated_delta_rule(q, k, v, g, beta, state, step=self.gdn_decode_step)
         else:
-            o, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, backend=self.gdn_backend)
+            o, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, backend=self.gdn_backend,
+                                              compiled=self.compiled)
         if cache is not None:
             cache.update_recurrent_state(state, self.layer_idx)
 
