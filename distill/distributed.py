@@ -30,7 +30,8 @@ class ParallelConfig:
     change it and still continue the run."""
 
     activation_checkpointing: bool = False  # recompute each decoder layer (Stage 1: each mixer) in backward
-    compile: bool | None = None  # torch.compile the elementwise work (distill.model.compiled); None: on CUDA
+    compile: bool = False  # torch.compile the elementwise work (distill.model.compiled): less GPU time and memory,
+    # more host time per step; see bench/results/train_throughput.md ("torch.compile") for when it pays
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,7 @@ class Runtime:
 
     @property
     def compiles(self) -> bool:
-        """Whether training compiles its elementwise work (`parallel.compile`; by default on CUDA only)."""
-        return self.device.type == "cuda" if self.parallel.compile is None else self.parallel.compile
+        return self.parallel.compile
 
     @property
     def is_main(self) -> bool:

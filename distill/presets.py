@@ -172,18 +172,14 @@ def _override(obj, path: list[str], value: str, full_key: str):
         return replace(obj, **{path[0]: _override(current, path[1:], value, full_key)})
     if is_dataclass(current):
         raise UserError(f"--set {full_key}: name a field inside {path[0]!r}, e.g. {full_key}.steps=10")
-    optional_bool = names[path[0]].type == "bool | None"  # None means "auto"
-    kind = bool if optional_bool else type(current)
+    kind = type(current)
     try:
-        if optional_bool and value.lower() == "auto":
-            parsed = None
-        elif kind is bool:
+        if kind is bool:
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError
             parsed = value.lower() in ("true", "1")
         else:
             parsed = kind(value)
     except ValueError:
-        expected = "true, false or auto" if optional_bool else f"a {kind.__name__}"
-        raise UserError(f"--set {full_key}={value}: expected {expected}") from None
+        raise UserError(f"--set {full_key}={value}: expected a {kind.__name__}") from None
     return replace(obj, **{path[0]: parsed})

@@ -1,6 +1,6 @@
 """The compiled training path (distill.model.compiled) computes what the eager one does.
 
-On the GPU it is the default (`parallel.compile=auto`); here it runs through inductor's CPU backend,
+On the GPU it is `--set parallel.compile=true`; here it runs through inductor's CPU backend,
 which compiles the same graphs to C++ instead of Triton, so the checks are of the graphs dynamo
 captures and AOTAutograd differentiates: losses and every gradient against eager float32.
 """
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from distill.distributed import ParallelConfig, Runtime
+from distill.distributed import Runtime
 from distill.errors import UserError
 from distill.model.compiled import set_compiled
 from distill.model.config import FULL_ATTENTION, LINEAR_ATTENTION
@@ -70,16 +70,11 @@ def test_compiled_teacher_forward_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_compile_is_on_by_default_only_on_cuda_and_settable():
-    assert not Runtime().compiles
-    assert Runtime(device=torch.device("cuda")).compiles
-    assert Runtime(parallel=ParallelConfig(compile=True)).compiles
-    assert not Runtime(device=torch.device("cuda"), parallel=ParallelConfig(compile=False)).compiles
-
-    assert get_preset("demo", ["parallel.compile=false"]).parallel.compile is False
+def test_compile_is_off_by_default_and_settable():
+    assert not Runtime(device=torch.device("cuda")).compiles
     assert get_preset("demo", ["parallel.compile=true"]).parallel.compile is True
-    assert get_preset("demo", ["parallel.compile=true", "parallel.compile=auto"]).parallel.compile is None
-    with pytest.raises(UserError, match="expected true, false or auto"):
+    assert Runtime(parallel=get_preset("demo", ["parallel.compile=true"]).parallel).compiles
+    with pytest.raises(UserError, match="expected a bool"):
         get_preset("demo", ["parallel.compile=yes-please"])
 
 
