@@ -19,7 +19,8 @@ MFU = FLOPs/token x tokens/s / peak bf16 dense FLOP/s of the device.
 
 Each --gdn-backends entry (kernels.gdn.GDN_BACKENDS; "torch" = the pure-torch chunked GDN, "auto" =
 what `hybrid convert` runs) measures both stages with that GDN path set on the student explicitly, once
-per --compile mode (off: every op eager; on: norms, MLPs and the GDN chain compiled, the CUDA default).
+per --compile mode (off: every op eager; on: norms, MLPs and the GDN chain compiled) and --cuda-graph mode
+(on: each optimiser step replayed from a CUDA graph after the warm-up steps).
 --baseline adds plain fine-tuning of the teacher architecture (next-token cross-entropy, all
 parameters, the same AdamW, clipping and bf16 autocast as our loop) in the same process.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import sys
 import tempfile
@@ -174,7 +176,9 @@ def main() -> None:
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     p.add_argument("--gdn-backends", nargs="+", default=["auto"], help="GDN paths to measure (kernels.gdn.GDN_BACKENDS)")
     p.add_argument("--compile", nargs="+", choices=["off", "on"], default=["on"],
-                   help="measure with the elementwise work eager and/or compiled (parallel.compile; on is the CUDA default)")
+                   help="measure with the elementwise work eager and/or compiled (parallel.compile)")
+    p.add_argument("--cuda-graph", nargs="+", choices=["off", "on"], default=["off"],
+                   help="measure with each optimiser step launched eagerly and/or replayed from a CUDA graph (parallel.cuda_graph)")
     p.add_argument("--baseline", action="store_true", help="also time plain fine-tuning of the teacher")
     p.add_argument("--profile-dir", type=Path, help="profile one step per stage of the last backend into this dir")
     p.add_argument("--label", default="", help="a free-text label stored with each row")
@@ -225,7 +229,8 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
 
     def row(what: str, log: list[dict], micro: int, flops: float, seconds: float, backend: str | None,
-            compiled: bool) -> dict:
+            rt) -> dict:
+        compiled, graphed = rt.parallel.compile, rt.parallel.cuda_graph
         timed = log[args.warmup :]
         per_step = micro * args.seq * runtime.world
         tok_s = len(timed) * per_step / sum(per_step / r["tok_per_s"] for r in timed)
@@ -235,7 +240,7 @@ def main() -> None:
             "softmax_layers": softmax if what == "stage2" else None, "timed_steps": len(timed), "tok_per_s": round(tok_s),
             "model_gflop_per_token": round(flops / 1e9, 3), "mfu": round(flops * tok_s / peak, 4) if peak else None,
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "compile": compiled, "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
+            "compile": compiled, "cuda_graph": graphed, "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
             "torch": torch.__version__, "wall_s": round(seconds, 1), "label": args.label,
             "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         }
@@ -255,7 +260,7 @@ def main() -> None:
     steps = args.steps + args.warmup
 
     def measure_stages(backend: str, rt, profile: Path | None) -> None:
-        tag = f"GDN {backend}, compile {'on' if rt.compiles else 'off'}"
+        tag = f"GDN {backend}, compile {'on' if rt.compiles else 'off'}, CUDA graph {'on' if rt.parallel.cuda_graph else 'off'}"
         student = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * L).to(runtime.device)
         set_gdn_backend(student, backend)
         s1, s2 = stage_configs(steps)
@@ -265,7 +270,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 log = run_stage1(teacher, student, data, s1, Path(tmp) / "s1", rt)
                 row("stage1", log, args.micro_batch, stage_flops(config, args.seq, [], 1), time.perf_counter() - t0,
-                    backend, rt.compiles)
+                    backend, rt)
                 if profile:
                     one, _ = stage_configs(1)
                     profile_one_step(lambda: run_stage1(teacher, student, data, one, Path(tmp) / "p1", rt),
@@ -277,7 +282,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 log = run_stage2(teacher, hybrid, data, s2, Path(tmp) / "s2", rt)
                 row("stage2", log, micro2, stage_flops(config, args.seq, softmax, 2), time.perf_counter() - t0,
-                    backend, rt.compiles)
+                    backend, rt)
                 if profile:
                     _, one = stage_configs(1)
                     profile_one_step(lambda: run_stage2(teacher, hybrid, data, one, Path(tmp) / "p2", rt),
@@ -286,17 +291,17 @@ def main() -> None:
             else:
                 del student
 
-    for mode in args.compile:
-        compiled = mode == "on"
-        rt = replace(runtime, parallel=ParallelConfig(compile=compiled))
+    modes = list(itertools.product(args.compile, args.cuda_graph))
+    for mode, graph in modes:
+        rt = replace(runtime, parallel=ParallelConfig(compile=mode == "on", cuda_graph=graph == "on"))
         if args.baseline:
             reset_memory()
             t0 = time.perf_counter()
             log = plain_finetune(teacher, data, args.micro_batch, args.steps, args.warmup, rt)
             row("plain_finetune", log, args.micro_batch, baseline_flops(config, args.seq), time.perf_counter() - t0,
-                None, compiled)
+                None, rt)
         for i, backend in enumerate(args.gdn_backends):
-            last = i == len(args.gdn_backends) - 1 and mode == args.compile[-1]
+            last = i == len(args.gdn_backends) - 1 and (mode, graph) == modes[-1]
             measure_stages(backend, rt, args.profile_dir if (args.profile_dir and last) else None)
 
 

@@ -32,6 +32,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False  # recompute each decoder layer (Stage 1: each mixer) in backward
     compile: bool = False  # torch.compile the elementwise work (distill.model.compiled): less GPU time and memory,
     # more host time per step; see bench/results/train_throughput.md ("torch.compile") for when it pays
+    cuda_graph: bool = False  # replay each optimiser step from a CUDA graph (distill.cuda_graph); one CUDA process
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,12 @@ class Runtime:
         if self.world > 1:
             dist.barrier()
 
-    def autocast(self):
+    def autocast(self, cache_weights: bool = True):
+        """Mixed precision on CUDA. cache_weights=False for a step captured in a CUDA graph: autocast's cache
+        of weight casts would be captured once and never refreshed."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, cache_enabled=cache_weights)
 
     def all_reduce_mean(self, value: float) -> float:
         if self.world == 1:

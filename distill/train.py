@@ -31,6 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from distill.cuda_graph import GraphedStep
 from distill.distributed import Runtime
 from distill.errors import UserError
 from distill.sharding import LossFn, trainee_for
@@ -88,13 +89,23 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
-    """param_groups: [{"params": [...], "lr": base_lr, "name": ...}]; the schedule scales each base LR."""
+def make_optimizer(param_groups: list[dict], cfg: TrainConfig, capturable: bool = False) -> torch.optim.AdamW:
+    """param_groups: [{"params": [...], "lr": base_lr, "name": ...}]; the schedule scales each base LR.
+    capturable: for a step replayed from a CUDA graph (step counts and LRs live on the GPU)."""
     groups = [dict(g, base_lr=g["lr"]) for g in param_groups if g["params"]]
     # one fused kernel per step instead of a dozen multi-tensor launches per parameter group on the GPU
     fused = all(p.is_cuda for g in groups for p in g["params"])
+    if capturable:
+        groups = [dict(g, lr=torch.tensor(g["lr"], device=g["params"][0].device)) for g in groups]
     return torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, eps=1e-8,
-                             fused=fused or None)
+                             fused=fused or None, capturable=capturable)
+
+
+def _set_lr(group: dict, lr: float) -> None:
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)  # in place: a captured step reads this tensor
+    else:
+        group["lr"] = lr
 
 
 def read_log(work_dir: Path) -> list[dict]:
@@ -121,7 +132,7 @@ EvalFn = Callable[[], dict]
 def _clip(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip the gradients' global norm (over all shards); returns the norm before clipping."""
     if not max_norm:
-        return torch.tensor(0.0)
+        return torch.zeros((), device=params[0].device)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
@@ -149,9 +160,33 @@ def train(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     accum = cfg.grad_accum(runtime.world)
+    graphed = runtime.parallel.cuda_graph
+    if graphed and (runtime.device.type != "cuda" or runtime.world > 1):
+        raise UserError("parallel.cuda_graph needs one process on a CUDA device")
     trainee = trainee_for(model, loss_fn, list(units), runtime)
-    optimizer = make_optimizer(trainee.param_groups(param_groups), cfg)
+    optimizer = make_optimizer(trainee.param_groups(param_groups), cfg, capturable=graphed)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def one_step(batches: list, zero_grads: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Forward and backward of every micro-batch, clipping, AdamW: (mean loss, gradient norm) on the
+        device — read once per step, no host sync per micro-batch — and the loss's metrics."""
+        totals: dict[str, float] = {}
+        loss_sum = torch.zeros((), device=runtime.device)
+        for micro, batch in enumerate(batches):
+            trainee.sync_gradients(micro == accum - 1)
+            with runtime.autocast(cache_weights=not graphed):
+                loss, metrics = trainee.loss(batch)
+            (loss / accum).backward()
+            loss_sum += loss.detach().float() / accum
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value / accum
+        grad_norm = _clip(params, cfg.grad_clip).to(loss_sum)
+        optimizer.step()
+        if zero_grads:
+            optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm, totals
+
+    step_fn = GraphedStep(one_step, optimizer) if graphed else one_step
     settings = asdict(cfg)
 
     start, elapsed = 0, 0.0
@@ -178,22 +213,11 @@ def train(
         t0 = time.perf_counter()
         factor = lr_factor(cfg, step)
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        totals: dict[str, float] = {}
-        loss_sum = torch.zeros((), device=runtime.device)
-        for micro in range(accum):
-            batch = _to_device(get_batch(step, micro), runtime.device)
-            trainee.sync_gradients(micro == accum - 1)
-            with runtime.autocast():
-                loss, metrics = trainee.loss(batch)
-            (loss / accum).backward()
-            loss_sum += loss.detach().float() / accum  # read once per step: no host sync per micro-batch
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / accum
-        grad_norm = _clip(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        totals["loss"], grad_norm = (float(x) for x in torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist())
+            _set_lr(group, group["base_lr"] * factor)
+        batches = [_to_device(get_batch(step, micro), runtime.device) for micro in range(accum)]
+        loss_sum, grad_norm, totals = step_fn(batches)
+        totals = dict(totals)
+        totals["loss"], grad_norm = (float(x) for x in torch.stack([loss_sum, grad_norm]).tolist())
 
         done = step + 1
         seconds = time.perf_counter() - t0

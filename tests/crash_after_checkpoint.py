@@ -1,7 +1,8 @@
 """`python -m tests.crash_after_checkpoint STAGE RANK N <hybrid arguments>`: the `hybrid` CLI, except
-that the process of rank RANK SIGKILLs itself right after it has written its shard of the Nth sharded
-checkpoint of STAGE (the work directory's stage1/stage2/... folder). A deterministic kill for
-tests/test_distributed.py: no polling, no timing."""
+that the process of rank RANK SIGKILLs itself right after it has written its Nth checkpoint into the
+folder named STAGE (stage1, stage2, ...: a training run's sharded or whole checkpoint; `candidates`: a
+layer-selection candidate's result file). A deterministic kill for tests/test_distributed.py and
+tests/test_convert_resume.py: no polling, no timing."""
 
 from __future__ import annotations
 
@@ -9,23 +10,39 @@ import os
 import signal
 import sys
 
+import distill.selection
 import distill.sharding
 from distill.cli import main
 
 
 def crash_after(stage: str, rank: int, count: int) -> None:
-    save = distill.sharding.save_sharded
+    save_sharded, save_whole = distill.sharding.save_sharded, distill.sharding.save_checkpoint
     written = 0
 
-    def save_then_maybe_die(work_dir, state, meta, runtime):
+    def count_and_maybe_die(work_dir_name: str, process_rank: int) -> None:
         nonlocal written
-        save(work_dir, state, meta, runtime)
-        if work_dir.name == stage and runtime.rank == rank:
+        if work_dir_name == stage and process_rank == rank:
             written += 1
             if written == count:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    distill.sharding.save_sharded = save_then_maybe_die
+    def sharded_then_maybe_die(work_dir, state, meta, runtime):
+        save_sharded(work_dir, state, meta, runtime)
+        count_and_maybe_die(work_dir.name, runtime.rank)
+
+    def whole_then_maybe_die(path, model, optimizer, step, extra):  # one process: rank 0
+        save_whole(path, model, optimizer, step, extra)
+        count_and_maybe_die(path.parent.name, 0)
+
+    write_result = distill.selection.write_json_atomic
+
+    def result_then_maybe_die(path, obj, **kwargs):
+        write_result(path, obj, **kwargs)
+        count_and_maybe_die(path.parent.name, int(os.environ.get("RANK", "0")))
+
+    distill.sharding.save_sharded = sharded_then_maybe_die
+    distill.sharding.save_checkpoint = whole_then_maybe_die
+    distill.selection.write_json_atomic = result_then_maybe_die
 
 
 if __name__ == "__main__":

@@ -95,3 +95,17 @@ def test_a_deep_copy_of_a_compiled_model_runs_its_own_weights():
         set_compiled(clone, False)
         torch.testing.assert_close(changed, clone(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(changed, hybrid(input_ids=ids).logits, atol=1e-3)
+
+
+def test_cuda_graph_steps_need_one_cuda_process(tmp_path):
+    """The captured step (distill.cuda_graph) is a CUDA feature; asked for on the CPU, the stage says so at once."""
+    import dataclasses
+
+    from distill.distributed import ParallelConfig
+    from distill.train import TrainConfig, train
+
+    model = torch.nn.Linear(3, 1)
+    runtime = dataclasses.replace(Runtime(), parallel=ParallelConfig(cuda_graph=True))
+    with pytest.raises(UserError, match="parallel.cuda_graph needs one process on a CUDA device"):
+        train("t", model, [{"params": list(model.parameters()), "lr": 1e-3}], lambda m, b: (m(b).sum(), {}),
+              lambda step, micro: torch.randn(2, 3), TrainConfig(steps=1, batch=2, micro_batch=2), tmp_path, runtime)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -56,16 +55,12 @@ def log_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def kill_when(cmd, environ, log: Path, lines: int) -> None:
-    """Start `cmd`, SIGKILL it as soon as `log` has `lines` records."""
-    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while log_lines(log) < lines:
-        assert proc.poll() is None, "convert ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+def killed_after_checkpoint(cmd, environ, stage: str, count: int) -> None:
+    """Run `cmd`, SIGKILLed by itself right after writing its `count`th checkpoint of `stage`
+    (tests/crash_after_checkpoint.py): the same kill on every machine, however loaded."""
+    crashing = [sys.executable, "-m", "tests.crash_after_checkpoint", stage, "0", str(count), *cmd[3:]]
+    result = run(crashing, environ)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +106,11 @@ def test_sigkill_and_rerun_gives_the_same_weights(env, uninterrupted):
     out = root / "killed"
     work = root / "killed.work"
     cmd = command(root, out)
-    kill_when(cmd, environ, work / "stage1" / "log.jsonl", 4)  # killed in Stage 1
+    killed_after_checkpoint(cmd, environ, "stage1", 4)  # killed in Stage 1, at step 4 of 30
     assert not (work / "stage1" / "model").exists() and (work / "stage1" / "ckpt.pt").is_file()
-    kill_when(cmd, environ, work / "score" / "runs" / "layer_001" / "log.jsonl", 1)  # rerun, killed while scoring
+    killed_after_checkpoint(cmd, environ, "candidates", 2)  # rerun, killed while scoring (after 2 of 4 candidates)
     assert (work / "stage1" / "model").is_dir() and not (work / "score" / "ranking.json").exists()
-    kill_when(cmd, environ, work / "stage2" / "log.jsonl", 5)  # rerun, killed in Stage 2
+    killed_after_checkpoint(cmd, environ, "stage2", 5)  # rerun, killed in Stage 2, at step 5 of 40
     assert not (work / "stage2" / "model").exists() and (work / "stage2" / "ckpt.pt").is_file()
     assert not out.exists()
     result = run(cmd, environ)  # rerun to the end

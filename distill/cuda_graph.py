@@ -1,0 +1,95 @@
+"""One optimiser step captured in a CUDA graph and replayed (`--set parallel.cuda_graph=true`).
+
+A small model's training step is host-bound: on an H100 the SmolLM2 Stage-1 step's kernels take ~70 ms
+and the host ~300 ms to launch them (bench/results/train_throughput.md). Replaying a captured graph
+launches the whole step — every micro-batch's forward and backward, clipping and the fused AdamW — at
+once. What that needs from the step, and how it is met:
+
+- fixed shapes: a stage's micro-batches all have one shape; each batch is copied into static buffers;
+- no host syncs inside: the loop reads the loss and the gradient norm once per step, after the replay;
+- AdamW capturable (its step count on the GPU) with a tensor LR that the schedule fills in place;
+- gradients that stay put: captured from None, the first backward writes them and replays rewrite them;
+- kernels warmed up before capture (fla's autotuning, torch.compile): the first `WARMUP` steps run eager,
+  the last of them on a side stream as the capture will;
+- autocast without its weight-cast cache (a cached cast would be captured once and never refreshed).
+
+One process only (FSDP's collectives are not captured here). If capture fails, the stage logs why and
+continues eagerly. Not yet measured on a GPU (see the issue's notes): off by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WARMUP = 3  # eager steps before capture
+
+
+def _static_copy(batch):
+    return tuple(t.clone() for t in batch) if isinstance(batch, tuple) else batch.clone()
+
+
+def _copy_into(static, batch) -> None:
+    if isinstance(static, tuple):
+        for s, b in zip(static, batch):
+            s.copy_(b, non_blocking=True)
+    else:
+        static.copy_(batch, non_blocking=True)
+
+
+class GraphedStep:
+    """Runs `eager_step(batches)` for the first WARMUP steps, then captures it once and replays it.
+
+    eager_step(batches, zero_grads=True) -> (loss_sum, grad_norm, metrics): the loop's own step (forward
+    and backward of every micro-batch, clipping, optimizer.step), the first two device tensors; it sets
+    the gradients to None after the step unless told not to (the captured step keeps them in place)."""
+
+    def __init__(self, eager_step: Callable, optimizer: torch.optim.Optimizer):
+        self.eager_step, self.optimizer = eager_step, optimizer
+        self.steps_seen = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed = False
+        self.static_batches: list | None = None
+        self.outputs: tuple | None = None
+
+    def __call__(self, batches: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        self.steps_seen += 1
+        if self.graph is not None:
+            for static, batch in zip(self.static_batches, batches):
+                _copy_into(static, batch)
+            self.graph.replay()
+            return self.outputs
+        if self.failed or self.steps_seen < WARMUP:
+            return self.eager_step(batches)
+        if self.steps_seen == WARMUP:  # the capture runs on a side stream: warm that path too
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.eager_step(batches)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        return self._capture_and_run(batches)
+
+    def _capture_and_run(self, batches: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        self.static_batches = [_static_copy(b) for b in batches]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.outputs = self.eager_step(self.static_batches, zero_grads=False)
+            if self.outputs[2]:
+                raise ValueError(f"the loss reports metrics {sorted(self.outputs[2])}, which a replay would not update")
+        except Exception as error:  # noqa: BLE001 - any capture failure: keep training, eagerly
+            log.warning("CUDA graph capture of the training step failed (%s: %s); continuing eagerly",
+                        type(error).__name__, error)
+            self.failed, self.static_batches, self.outputs = True, None, None
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            return self.eager_step(batches)
+        self.graph = graph
+        log.info("training step captured in a CUDA graph after %d eager steps", WARMUP)
+        graph.replay()  # capture records the step without running it
+        return self.outputs
