@@ -40,6 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill.cuda_graph import WARMUP
+
+GRAPH_WARMUP = WARMUP + 1  # the eager steps before a CUDA graph's capture, and the capture
+
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense, SXM
 
 
@@ -215,7 +219,7 @@ def main() -> None:
     L, V = config.num_hidden_layers, config.vocab_size
     rng = np.random.default_rng(0)
     micro2 = args.stage2_micro_batch or args.micro_batch
-    blocks = (args.steps + args.warmup + 1) * max(args.micro_batch, micro2)
+    blocks = (args.steps + max(args.warmup, GRAPH_WARMUP) + 1) * max(args.micro_batch, micro2)
     data = PackedData(train=rng.integers(0, V, size=(blocks, args.seq), dtype=np.int64),
                       eval=rng.integers(0, V, size=(1, args.seq), dtype=np.int64), meta={}, path=Path("."))
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
@@ -231,7 +235,7 @@ def main() -> None:
     def row(what: str, log: list[dict], micro: int, flops: float, seconds: float, backend: str | None,
             rt) -> dict:
         compiled, graphed = rt.parallel.compile, rt.parallel.cuda_graph
-        timed = log[args.warmup :]
+        timed = log[warmup_of(rt) :]
         per_step = micro * args.seq * runtime.world
         tok_s = len(timed) * per_step / sum(per_step / r["tok_per_s"] for r in timed)
         out = {
@@ -257,13 +261,16 @@ def main() -> None:
                                       schedule="constant", save_every=0))
         return s1, s2
 
-    steps = args.steps + args.warmup
+    def warmup_of(rt) -> int:
+        """Untimed steps: --warmup, and with a CUDA graph also the eager steps before capture and the capture."""
+        return max(args.warmup, GRAPH_WARMUP) if rt.parallel.cuda_graph else args.warmup
+
 
     def measure_stages(backend: str, rt, profile: Path | None) -> None:
         tag = f"GDN {backend}, compile {'on' if rt.compiles else 'off'}, CUDA graph {'on' if rt.parallel.cuda_graph else 'off'}"
         student = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * L).to(runtime.device)
         set_gdn_backend(student, backend)
-        s1, s2 = stage_configs(steps)
+        s1, s2 = stage_configs(args.steps + warmup_of(rt))
         with tempfile.TemporaryDirectory() as tmp:
             if 1 in args.stages:
                 reset_memory()
@@ -297,7 +304,7 @@ def main() -> None:
         if args.baseline:
             reset_memory()
             t0 = time.perf_counter()
-            log = plain_finetune(teacher, data, args.micro_batch, args.steps, args.warmup, rt)
+            log = plain_finetune(teacher, data, args.micro_batch, args.steps, warmup_of(rt), rt)
             row("plain_finetune", log, args.micro_batch, baseline_flops(config, args.seq), time.perf_counter() - t0,
                 None, rt)
         for i, backend in enumerate(args.gdn_backends):
