@@ -199,6 +199,9 @@ def train(
                 f"({state.get('settings')}); delete {work_dir} to start this stage again"
             )
         start, elapsed = state["step"], state["elapsed"]
+        if graphed:  # a resumed group's LR is whatever was saved (a float, or a tensor loaded to the CPU)
+            for group in optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=runtime.device)
     else:
         torch.manual_seed(cfg.seed)
     log = [r for r in log if r["step"] <= start]
