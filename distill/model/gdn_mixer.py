@@ -66,8 +66,8 @@ def gdn_kernel_inputs(
     conv_in [B, L, conv_dim]: q|k|v of the new tokens, after any cached conv window (L >= T, T = a's
     length); a, b [B, T, H]; conv_weight [conv_dim, W]. Returns q, k [B, T, H, K], v [B, T, H, V] and
     beta [B, T, H] in conv_in's dtype, and the log-decay g [B, T, H] in float32. One pure function so
-    that training runs it compiled (one fused kernel forward and backward instead of ~20; see
-    `compile_for_training`), and decoding, the CPU and serving parity run the same formula eagerly.
+    that training can run it compiled (fused forward and backward kernels instead of ~20 ops; see
+    distill.model.compiled) while decoding and the CPU run the same formula eagerly.
     """
     batch, seq_len, _ = a.shape
     dtype = conv_in.dtype
@@ -115,7 +115,7 @@ class GatedDeltaNet(nn.Module):
         self.o_proj = nn.Linear(self.value_dim, hidden, bias=o_bias)
         self.gdn_backend = "auto"  # chunked path (prefill, training): kernels.gdn.GDN_BACKENDS
         self.gdn_decode_step = "auto"  # one-token path: kernels.gdn.GDN_DECODE_STEPS
-        self.compiled = False  # run the elementwise chains compiled (training on CUDA): `compile_for_training`
+        self.compiled = False  # run the elementwise chains compiled (parallel.compile): distill.model.compiled
         self.reset_gdn_parameters()
 
     @torch.no_grad()
