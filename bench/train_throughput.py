@@ -267,7 +267,7 @@ def main() -> None:
 
 
     def measure_stages(backend: str, rt, profile: Path | None) -> None:
-        tag = f"GDN {backend}, compile {'on' if rt.compiles else 'off'}, CUDA graph {'on' if rt.parallel.cuda_graph else 'off'}"
+        tag = f"GDN {backend}, compile {'on' if rt.parallel.compile else 'off'}, CUDA graph {'on' if rt.parallel.cuda_graph else 'off'}"
         student = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * L).to(runtime.device)
         set_gdn_backend(student, backend)
         s1, s2 = stage_configs(args.steps + warmup_of(rt))

@@ -45,10 +45,6 @@ class Runtime:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
-    def compiles(self) -> bool:
-        return self.parallel.compile
-
-    @property
     def is_main(self) -> bool:
         return self.rank == 0
 

@@ -217,7 +217,7 @@ def log_gdn_path(runtime: Runtime) -> str:
     path = describe_gdn_backend(resolve_gdn_backend("auto", runtime.device, runtime.amp_dtype or torch.float32))
     log.info("GDN chunk path (training and prefill): %s", path)
     log.info("elementwise work (norms, MLPs, the GDN conv/gate chain): %s",
-             "compiled (torch.compile)" if runtime.compiles else "eager (parallel.compile=true compiles it)")
+             "compiled (torch.compile)" if runtime.parallel.compile else "eager (parallel.compile=true compiles it)")
     return path
 
 

@@ -32,6 +32,7 @@ from distill.model.compiled import set_compiled
 from distill.model.config import LINEAR_ATTENTION
 from distill.model.modeling import HybridForCausalLM
 from distill.train import TrainConfig, train
+from kernels.compiled import compiled
 
 # ---------------------------------------------------------------------------------------------
 # Teacher forcing: capture every attention block's input and output in one teacher forward
@@ -117,8 +118,8 @@ def run_stage1(
     if student.config.softmax_layers:
         raise ValueError(f"Stage 1 expects an all-linear student; layers {student.config.softmax_layers} are softmax")
     freeze_all_but_mixers(student)
-    set_compiled(teacher, runtime.compiles)
-    align = torch.compile(alignment_loss) if runtime.compiles else alignment_loss
+    set_compiled(teacher, runtime.parallel.compile)
+    align = compiled(alignment_loss) if runtime.parallel.compile else alignment_loss
     order = BlockOrder(len(data.train), cfg.seed)
     accum = cfg.grad_accum(runtime.world)
 
@@ -196,7 +197,7 @@ def run_stage2(
         if layer.layer_type == LINEAR_ATTENTION:
             layer.linear_attn.conv1d.weight.requires_grad_(student.config.linear_conv_trainable)
     teacher_weight = teacher.lm_head.weight.detach()
-    set_compiled(teacher, runtime.compiles)
+    set_compiled(teacher, runtime.parallel.compile)
     run_teacher = teacher_hidden_fn(teacher)
 
     if get_batch is None:

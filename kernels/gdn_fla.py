@@ -20,11 +20,12 @@ stored row-wise as [B, T, H, BT].
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kernels.compiled import compiled
 
 __all__ = ["TorchBackwardParts", "chunk_bwd_dqkwg_torch", "prepare_wy_repr_bwd_torch", "fla_chunk_gdn"]
 
@@ -36,11 +37,6 @@ class TorchBackwardParts:
     dqkwg: bool = True
     wy_repr: bool = False
     compiled: bool = False  # run those torch parts through torch.compile (fused elementwise around the matmuls)
-
-
-@functools.cache
-def _compiled(fn):
-    return torch.compile(fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +178,7 @@ class _FlaChunkGDN(torch.autograd.Function):
         dh, dh0, dv = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=h0, dht=dht, do=do, dv=dv, scale=scale)
         dqkwg_torch, wy_torch = chunk_bwd_dqkwg_torch, prepare_wy_repr_bwd_torch
         if parts.compiled:
-            dqkwg_torch, wy_torch = _compiled(dqkwg_torch), _compiled(wy_torch)
+            dqkwg_torch, wy_torch = compiled(dqkwg_torch), compiled(wy_torch)
         with torch.autocast(device_type="cuda", enabled=False):
             if parts.dqkwg:
                 dq, dk, dw, dg = dqkwg_torch(q, k, v_new, g, h, dh, do, dv, scale)

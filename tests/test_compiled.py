@@ -71,9 +71,8 @@ def test_compiled_teacher_forward_matches_eager():
 
 
 def test_compile_is_off_by_default_and_settable():
-    assert not Runtime(device=torch.device("cuda")).compiles
+    assert not Runtime(device=torch.device("cuda")).parallel.compile
     assert get_preset("demo", ["parallel.compile=true"]).parallel.compile is True
-    assert Runtime(parallel=get_preset("demo", ["parallel.compile=true"]).parallel).compiles
     with pytest.raises(UserError, match="expected a bool"):
         get_preset("demo", ["parallel.compile=yes-please"])
 

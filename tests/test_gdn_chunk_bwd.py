@@ -107,7 +107,7 @@ def test_chunk_bwd_dqkwg_matches_autograd(T):
 def test_compiled_torch_parts_compute_what_the_eager_ones_do():
     """Training on CUDA runs both functions through torch.compile (TorchBackwardParts.compiled); here inductor's
     CPU backend compiles the same graphs: same results as eager on a partial last chunk."""
-    from kernels.gdn_fla import _compiled
+    from kernels.compiled import compiled
 
     B, T, H, K, V = 2, 100, 3, 16, 8
     gen = torch.Generator().manual_seed(3)
@@ -120,5 +120,5 @@ def test_compiled_torch_parts_compute_what_the_eager_ones_do():
 
     for fn, args in ((chunk_bwd_dqkwg_torch, (q, k, v, g, h, dh, do, dv, K**-0.5)),
                      (prepare_wy_repr_bwd_torch, (k, v, beta, g, A, dw, du))):
-        for got, ref in zip(_compiled(fn)(*args), fn(*args)):
+        for got, ref in zip(compiled(fn)(*args), fn(*args)):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

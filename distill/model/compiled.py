@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import functools
 
-import torch
 from torch import nn
 
 from distill.model.families import family
 from distill.model.gdn_mixer import GatedDeltaNet, GatedRMSNorm
-
-
-@functools.cache
-def _compiled(forward):
-    return torch.compile(forward)
+from kernels.compiled import compiled
 
 
 def set_compiled(model: nn.Module, on: bool) -> int:
@@ -42,7 +37,7 @@ def set_compiled(model: nn.Module, on: bool) -> int:
             module.compiled = on
         elif isinstance(module, compiled_classes):
             if on:
-                module.forward = functools.partial(_compiled(type(module).forward), module)
+                module.forward = functools.partial(compiled(type(module).forward), module)
             else:
                 module.__dict__.pop("forward", None)
         else:

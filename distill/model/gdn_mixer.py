@@ -18,7 +18,6 @@ the chunked GDN implementation and `gdn_decode_step` (GDN_DECODE_STEPS) the one-
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 
 from distill.model.config import HybridConfig
 from distill.model.families import attention_biases
+from kernels.compiled import compiled
 from kernels.conv import causal_conv1d
 from kernels.gdn import GDN_BACKENDS, GDN_DECODE_STEPS, chunk_gated_delta_rule, l2norm, recurrent_gated_delta_rule
 
@@ -80,11 +80,6 @@ def gdn_kernel_inputs(
     beta = b.float().sigmoid().to(dtype)
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
     return q, k, v, g, beta
-
-
-@functools.cache
-def _compiled_kernel_inputs():
-    return torch.compile(gdn_kernel_inputs)
 
 
 class GatedDeltaNet(nn.Module):
@@ -160,7 +155,7 @@ class GatedDeltaNet(nn.Module):
             # transformers' cache keeps [B, conv_dim, W] and returns the cached window followed by the new inputs
             qkv = cache.update_conv_state(qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_width)
             qkv = qkv.transpose(1, 2)
-        inputs = _compiled_kernel_inputs() if self.compiled and cache is None else gdn_kernel_inputs
+        inputs = compiled(gdn_kernel_inputs) if self.compiled and cache is None else gdn_kernel_inputs
         q, k, v, g, beta = inputs(qkv, a, b, self.conv1d.weight[:, 0], self.A_log, self.dt_bias,
                                   self.num_heads, self.head_k_dim, self.head_v_dim)
         if pad_mask is not None:  # padded positions: k = v = 0 and no decay, so the state is untouched
