@@ -74,8 +74,9 @@ def register(subparsers) -> None:
         help="long mixed load (locust) on one `hybrid serve`: no errors, memory flat after warm-up",
         description="Serve CKPT on 127.0.0.1 and load it for --duration seconds with short and long prompts, "
         "completions and chat, streamed and not, and clients that hang up mid-stream, sampling the server's "
-        "memory. Fails on any failed request, an unhealthy server at the end, or PSS growing faster than "
-        "--max-growth-mib-per-hour after --warmup. Writes soak.json, soak.md and soak_memory.png.",
+        "memory. Fails on any failed request, an unhealthy server at the end, or memory that keeps rising after "
+        "--warmup: the later half's PSS peak above the earlier half's by more than --max-growth-mib-per-hour "
+        "allows over that time. Writes soak.json, soak.md and soak_memory.png.",
     )
     p.add_argument("checkpoint", help="checkpoint directory to serve")
     p.add_argument("--out", type=Path, required=True)
@@ -89,7 +90,8 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=float, default=600.0,
                    help="seconds of load before memory must be flat (default 600: new batch shapes fill caches early)")
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-growth-mib-per-hour", type=float, default=64.0)
+    p.add_argument("--max-growth-mib-per-hour", type=float, default=64.0,
+                   help="growth of the PSS peak from the earlier to the later half of the run still called flat")
     p.add_argument("--server-arg", action="append", default=[], help="extra `hybrid serve` argument (repeatable)")
     p.set_defaults(func=_run_soak)
 

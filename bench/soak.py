@@ -6,7 +6,8 @@ Starts `hybrid serve CKPT` on 127.0.0.1, runs locust (bench/locustfile.py) for -
 a mix of short and long prompts, completions and chat, streamed and not, and clients that hang up after
 the first token, while sampling the server's process-tree memory (RSS and PSS) every --interval s.
 The server passes when no request failed, it still answers /health at the end, and its memory after
-the warm-up is flat: the least-squares slope of PSS over the run stays under --max-growth-mib-per-hour.
+the warm-up is flat: the later half of the run does not raise PSS's peak by more than
+--max-growth-mib-per-hour allows over that time (`memory_verdict`).
 If the server process exits during the run, the load stops at once and the report says when.
 Writes soak.json, soak.md and soak_memory.png to --out.
 """
@@ -72,17 +73,27 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
 
 
 def memory_verdict(samples: list[MemorySample], warmup_s: float, max_growth_mib_per_hour: float) -> dict:
+    """Flat means the memory stopped making new highs: the later half of the steady window (after the
+    warm-up) peaks at most `max_growth_mib_per_hour` x (half the window) above the earlier half's peak.
+    A leak keeps raising the peak; a cache that fills in a few steps and stops does not. A fitted slope
+    is reported too, but does not decide: one step mid-run (a cache entry filled late) tilts it for good."""
     steady = [s for s in samples if s.t >= warmup_s]
-    if len(steady) < 3:
+    if len(steady) < 4:
         return {"flat": False, "reason": f"only {len(steady)} samples after the {warmup_s:.0f} s warm-up"}
-    pss_slope = slope_per_hour([(s.t, s.pss_bytes / MIB) for s in steady])
+    middle = (steady[0].t + steady[-1].t) / 2
+    earlier = max(s.pss_bytes for s in steady if s.t < middle) / MIB
+    later = max(s.pss_bytes for s in steady if s.t >= middle) / MIB
+    allowed = max_growth_mib_per_hour * (steady[-1].t - steady[0].t) / 2 / 3600
     return {
-        "flat": pss_slope <= max_growth_mib_per_hour,
-        "pss_slope_mib_per_hour": round(pss_slope, 1),
+        "flat": later - earlier <= allowed,
+        "pss_peak_earlier_half_mib": round(earlier, 1),
+        "pss_peak_later_half_mib": round(later, 1),
+        "peak_growth_mib": round(later - earlier, 1),
+        "allowed_growth_mib": round(allowed, 1),
+        "pss_slope_mib_per_hour": round(slope_per_hour([(s.t, s.pss_bytes / MIB) for s in steady]), 1),
         "rss_slope_mib_per_hour": round(slope_per_hour([(s.t, s.rss_bytes / MIB) for s in steady]), 1),
         "pss_first_mib": round(steady[0].pss_bytes / MIB, 1),
         "pss_last_mib": round(steady[-1].pss_bytes / MIB, 1),
-        "pss_max_mib": round(max(s.pss_bytes for s in steady) / MIB, 1),
         "steady_samples": len(steady),
         "limit_mib_per_hour": max_growth_mib_per_hour,
     }
@@ -211,7 +222,8 @@ def render(result: dict) -> str:
         "",
         *([f"**The server exited (code {result['server_exit_code']}) after {result['server_died_at_s'] / 60:.1f} min "
            "under load; the load stopped there.**", ""] if result.get("server_died_at_s") is not None else []),
-        "Memory after the warm-up (PSS summed over the server's processes; slope by least squares):",
+        "Memory after the warm-up (PSS summed over the server's processes; flat = the later half's peak within "
+        "the allowed growth of the earlier half's; the least-squares slope for information):",
         "",
         "```",
         json.dumps(memory, indent=2),

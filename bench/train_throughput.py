@@ -244,7 +244,9 @@ def main() -> None:
             "softmax_layers": softmax if what == "stage2" else None, "timed_steps": len(timed), "tok_per_s": round(tok_s),
             "model_gflop_per_token": round(flops / 1e9, 3), "mfu": round(flops * tok_s / peak, 4) if peak else None,
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "compile": compiled, "cuda_graph": graphed, "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
+            "compile": compiled, "cuda_graph": graphed, "replayed_steps": sum(bool(r.get("replayed")) for r in timed),
+            "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
+            "losses": [round(r["loss"], 5) for r in log],
             "torch": torch.__version__, "wall_s": round(seconds, 1), "label": args.label,
             "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         }

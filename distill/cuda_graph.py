@@ -56,6 +56,11 @@ class GraphedStep:
         self.static_batches: list | None = None
         self.outputs: tuple | None = None
 
+    @property
+    def replayed(self) -> bool:
+        """Whether the step just run came from the captured graph (the log records it per step)."""
+        return self.graph is not None
+
     def __call__(self, batches: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
         self.steps_seen += 1
         if self.graph is not None:

@@ -228,6 +228,8 @@ def train(
         record = {key: runtime.all_reduce_mean(value) for key, value in totals.items()}
         record.update(step=done, lr=cfg.lr * factor, grad_norm=float(grad_norm), tokens=done * tokens_per_step,
                       tok_per_s=tokens_per_step / seconds, elapsed_s=round(elapsed, 3))
+        if graphed:
+            record["replayed"] = step_fn.replayed
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
             trainee.publish()
             model.eval()
