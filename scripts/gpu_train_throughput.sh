@@ -6,12 +6,14 @@
 # (parallel.cuda_graph). A replayed step runs the same kernels: its losses must match the launched step's.
 # Random weights (throughput does not depend on them). Results: $OUT/train_throughput.jsonl, a log, and a
 # profile of one step per stage of the last combination.
+# First the check that a replayed step trains as a launched one (tests/test_cuda_graph.py; .whl/ carries pytest).
 # PRESET_MEMORY=1 adds peak memory at the `small` and `paper` presets' micro-batch shapes.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 source scripts/gpu_env.sh
 TT="python3 bench/train_throughput.py --out $OUT/train_throughput.jsonl"
 {
+  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py
   timeout "${SMOL_LIMIT:-400}" $TT --shape smollm2-135m --seq 2048 --micro-batch 8 --steps "${STEPS:-6}" --warmup 3 \
     --compile off on --cuda-graph ${GRAPH:-off on} --baseline --profile-dir "$OUT" --label compile-graph
   if [ "${QWEN:-1}" = 1 ]; then

@@ -1,0 +1,71 @@
+"""A training step replayed from a CUDA graph (`--set parallel.cuda_graph=true`, distill.cuda_graph) trains
+as the launched step does. The replay itself needs a GPU (run this file on the GPU machine:
+`python3 -m pytest -q tests/test_cuda_graph.py`); on a CPU only the refusal is checked."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill.cuda_graph import WARMUP
+from distill.data import PackedData
+from distill.distributed import ParallelConfig, Runtime
+from distill.errors import UserError
+from distill.model.config import FULL_ATTENTION, LINEAR_ATTENTION
+from distill.model.transfer import hybrid_from_teacher
+from distill.stages import Stage2Config, run_stage2
+from distill.train import TrainConfig, train
+from tests.test_hybrid_model import perturb_gdn
+from tests.tiny_models import make_teacher
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def test_a_cuda_graph_on_the_cpu_is_refused_with_the_setting_named(tmp_path):
+    model = torch.nn.Linear(4, 4)
+
+    def loss_fn(m, batch):
+        return m(batch).pow(2).mean(), {}
+
+    runtime = Runtime(parallel=ParallelConfig(cuda_graph=True))
+    groups = [{"params": list(model.parameters()), "lr": 1e-3, "name": "all"}]
+    with pytest.raises(UserError, match="parallel.cuda_graph needs one process on a CUDA device"):
+        train("t", model, groups, loss_fn, lambda step, micro: torch.randn(2, 4), TrainConfig(steps=2), tmp_path,
+              runtime, show_progress=False)
+
+
+@needs_cuda
+def test_replayed_stage2_steps_train_as_launched_steps(tmp_path: Path):
+    """Same data, same start: the replayed run logs the same losses and ends at the same weights (within
+    bf16 noise, judged against how far training moved them), with a cosine LR and two micro-batches."""
+    cuda = torch.device("cuda")
+    teacher, _ = make_teacher("llama", num_layers=4, hidden=128, heads=2, kv_heads=1)
+    start = perturb_gdn(hybrid_from_teacher(teacher, [FULL_ATTENTION] + [LINEAR_ATTENTION] * 3))
+    teacher = teacher.to(cuda).requires_grad_(False)
+    rng = np.random.default_rng(0)
+    data = PackedData(train=rng.integers(0, teacher.config.vocab_size, size=(64, 128)),
+                      eval=rng.integers(0, teacher.config.vocab_size, size=(2, 128)), meta={}, path=tmp_path)
+    steps = WARMUP + 4
+    cfg = Stage2Config(TrainConfig(steps=steps, seq_len=128, batch=4, micro_batch=2, lr=3e-3, schedule="cosine",
+                                   warmup_steps=2, save_every=0), other_lr=1e-3)
+    logs, weights = {}, {}
+    for graphed in (False, True):
+        student = copy.deepcopy(start).to(cuda)
+        runtime = Runtime(device=cuda, amp_dtype=torch.bfloat16, parallel=ParallelConfig(cuda_graph=graphed))
+        logs[graphed] = run_stage2(teacher, student, data, cfg, tmp_path / f"graph-{graphed}", runtime)
+        weights[graphed] = {n: p.detach().float().cpu() for n, p in student.named_parameters()}
+
+    # the capture step (index WARMUP) and every later one came from the graph
+    assert [r["replayed"] for r in logs[True]] == [False] * WARMUP + [True] * (steps - WARMUP)
+    launched, replayed = (np.array([r["loss"] for r in logs[g]]) for g in (False, True))
+    np.testing.assert_allclose(replayed, launched, rtol=2e-2)
+    assert launched[-1] < launched[0]  # it trained: the comparison is not of two idle runs
+    initial = {n: p.detach().float() for n, p in start.named_parameters()}
+    moved = sum((weights[False][n] - initial[n]).norm() ** 2 for n in initial) ** 0.5
+    apart = sum((weights[True][n] - weights[False][n]).norm() ** 2 for n in initial) ** 0.5
+    assert apart < 0.05 * moved, (float(apart), float(moved))
+    assert all(torch.isfinite(w).all() for w in weights[True].values())
