@@ -81,6 +81,10 @@ class GraphedStep:
 
     def _capture_and_run(self, batches: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
         self.static_batches = [_static_copy(b) for b in batches]
+        # the graph keeps its own memory pool; hand the eager steps' cached blocks back first so the two
+        # together do not hold twice a step's activations
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
