@@ -30,7 +30,7 @@ from distill.train import TrainConfig
 
 @torch.no_grad()
 def relative_error_by_position(teacher, mixer, layer: int, ids: torch.Tensor, bucket: int) -> list[float]:
-    x, y = capture_attention(teacher, ids)[layer]
+    x, y = (taps[layer] for taps in capture_attention(teacher, ids))
     err = (mixer(x)[0] - y).float().norm(dim=-1) / y.float().norm(dim=-1).clamp_min(1e-6)  # [b, T]
     return [round(err[:, s : s + bucket].mean().item(), 4) for s in range(0, ids.shape[1], bucket)]
 

@@ -72,7 +72,7 @@ def align_one_layer(teacher, student: HybridForCausalLM, layer: int, data: Packe
         return batch_for_step(data, order, step, micro, cfg.micro_batch, accum)
 
     def loss_fn(model: HybridForCausalLM, ids: torch.Tensor):
-        x, y = capture_attention(teacher, ids.to(runtime.device))[layer]
+        x, y = (taps[layer] for taps in capture_attention(teacher, ids.to(runtime.device)))
         return alignment_loss(model.model.layers[layer].linear_attn(x)[0], y), {}
 
     params = [p for p in mixer.parameters() if p.requires_grad]

@@ -19,8 +19,9 @@ MFU = FLOPs/token x tokens/s / peak bf16 dense FLOP/s of the device.
 
 Each --gdn-backends entry (kernels.gdn.GDN_BACKENDS; "torch" = the pure-torch chunked GDN, "auto" =
 what `hybrid convert` runs) measures both stages with that GDN path set on the student explicitly, once
-per --compile mode (off: every op eager; on: norms, MLPs and the GDN chain compiled) and --cuda-graph mode
-(on: each optimiser step replayed from a CUDA graph after the warm-up steps).
+per --modes entry: 'plain' (every mixer of Stage 1 in turn, every op eager, every kernel launched) or
+switches joined by '+': stack (Stage 1's mixers as one batched computation), compile (norms, MLPs and
+the GDN chain compiled), graph (each optimiser step replayed from a CUDA graph after the warm-up steps).
 --baseline adds plain fine-tuning of the teacher architecture (next-token cross-entropy, all
 parameters, the same AdamW, clipping and bf16 autocast as our loop) in the same process.
 """
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
 import sys
 import tempfile
@@ -152,6 +152,25 @@ def plain_finetune(teacher, data, micro: int, steps: int, warmup: int, runtime) 
     return log
 
 
+MODE_SWITCHES = {"stack": "stack_mixers", "compile": "compile", "graph": "cuda_graph"}  # -> ParallelConfig fields
+
+
+def parse_mode(text: str):
+    """'plain' or e.g. 'stack+compile+graph' -> the ParallelConfig that runs it."""
+    from distill.distributed import ParallelConfig
+
+    switches = [] if text == "plain" else text.split("+")
+    unknown = set(switches) - set(MODE_SWITCHES)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown switch {sorted(unknown)} in mode {text!r}; "
+                                         f"use 'plain' or '+'-joined {sorted(MODE_SWITCHES)}")
+    return ParallelConfig(**{field: name in switches for name, field in MODE_SWITCHES.items()})
+
+
+def mode_name(parallel) -> str:
+    return "+".join(name for name, field in MODE_SWITCHES.items() if getattr(parallel, field)) or "plain"
+
+
 def profile_one_step(run, out: Path, title: str) -> None:
     """torch.profiler over one more step of `run` (already warm); writes the top kernels/ops table."""
     from torch.profiler import ProfilerActivity, profile
@@ -179,10 +198,10 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.25, help="softmax layers in Stage 2 (uniform placement)")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     p.add_argument("--gdn-backends", nargs="+", default=["auto"], help="GDN paths to measure (kernels.gdn.GDN_BACKENDS)")
-    p.add_argument("--compile", nargs="+", choices=["off", "on"], default=["on"],
-                   help="measure with the elementwise work eager and/or compiled (parallel.compile)")
-    p.add_argument("--cuda-graph", nargs="+", choices=["off", "on"], default=["off"],
-                   help="measure with each optimiser step launched eagerly and/or replayed from a CUDA graph (parallel.cuda_graph)")
+    p.add_argument("--modes", nargs="+", type=parse_mode, default=[parse_mode("stack")], metavar="MODE",
+                   help="how the step runs, one measurement each: 'plain' or '+'-joined switches of "
+                   f"{sorted(MODE_SWITCHES)} (e.g. plain stack stack+compile+graph; default: stack, what "
+                   "`hybrid convert` runs). Stage 2 and the baseline run once per compile/graph combination")
     p.add_argument("--baseline", action="store_true", help="also time plain fine-tuning of the teacher")
     p.add_argument("--profile-dir", type=Path, help="profile one step per stage of the last backend into this dir")
     p.add_argument("--label", default="", help="a free-text label stored with each row")
@@ -193,7 +212,7 @@ def main() -> None:
 
     from distill.model.config import LINEAR_ATTENTION
     from distill.data import PackedData
-    from distill.distributed import ParallelConfig, init_runtime
+    from distill.distributed import init_runtime
     from distill.model.gdn_mixer import set_gdn_backend
     from distill.placement import k_from_ratio, uniform_softmax_layers
     from distill.model.transfer import restore_softmax
@@ -235,6 +254,7 @@ def main() -> None:
     def row(what: str, log: list[dict], micro: int, flops: float, seconds: float, backend: str | None,
             rt) -> dict:
         compiled, graphed = rt.parallel.compile, rt.parallel.cuda_graph
+        stacked = rt.parallel.stack_mixers if what == "stage1" else None
         timed = log[warmup_of(rt) :]
         per_step = micro * args.seq * runtime.world
         tok_s = len(timed) * per_step / sum(per_step / r["tok_per_s"] for r in timed)
@@ -244,7 +264,8 @@ def main() -> None:
             "softmax_layers": softmax if what == "stage2" else None, "timed_steps": len(timed), "tok_per_s": round(tok_s),
             "model_gflop_per_token": round(flops / 1e9, 3), "mfu": round(flops * tok_s / peak, 4) if peak else None,
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "compile": compiled, "cuda_graph": graphed, "replayed_steps": sum(bool(r.get("replayed")) for r in timed),
+            "mode": mode_name(rt.parallel), "stack_mixers": stacked, "compile": compiled, "cuda_graph": graphed,
+            "replayed_steps": sum(bool(r.get("replayed")) for r in timed),
             "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
             "losses": [round(r["loss"], 5) for r in log],
             "torch": torch.__version__, "wall_s": round(seconds, 1), "label": args.label,
@@ -268,13 +289,13 @@ def main() -> None:
         return max(args.warmup, GRAPH_WARMUP) if rt.parallel.cuda_graph else args.warmup
 
 
-    def measure_stages(backend: str, rt, profile: Path | None) -> None:
-        tag = f"GDN {backend}, compile {'on' if rt.parallel.compile else 'off'}, CUDA graph {'on' if rt.parallel.cuda_graph else 'off'}"
+    def measure_stages(backend: str, rt, stages: list[int], profile: Path | None) -> None:
+        tag = f"GDN {backend}, mode {mode_name(rt.parallel)}"
         student = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * L).to(runtime.device)
         set_gdn_backend(student, backend)
         s1, s2 = stage_configs(args.steps + warmup_of(rt))
         with tempfile.TemporaryDirectory() as tmp:
-            if 1 in args.stages:
+            if 1 in stages:
                 reset_memory()
                 t0 = time.perf_counter()
                 log = run_stage1(teacher, student, data, s1, Path(tmp) / "s1", rt)
@@ -284,7 +305,7 @@ def main() -> None:
                     one, _ = stage_configs(1)
                     profile_one_step(lambda: run_stage1(teacher, student, data, one, Path(tmp) / "p1", rt),
                                      profile / "profile.md", f"Stage 1 step, {name}, {tag}, {args.micro_batch} x {args.seq}")
-            if 2 in args.stages:
+            if 2 in stages:
                 hybrid = restore_softmax(student, teacher, softmax)
                 del student
                 reset_memory()
@@ -300,18 +321,21 @@ def main() -> None:
             else:
                 del student
 
-    modes = list(itertools.product(args.compile, args.cuda_graph))
-    for mode, graph in modes:
-        rt = replace(runtime, parallel=ParallelConfig(compile=mode == "on", cuda_graph=graph == "on"))
-        if args.baseline:
+    seen = set()  # (compile, graph) combinations whose baseline and Stage 2 are measured: stacking is Stage 1's
+    for parallel in args.modes:
+        rt = replace(runtime, parallel=parallel)
+        first_of_kind = (parallel.compile, parallel.cuda_graph) not in seen
+        seen.add((parallel.compile, parallel.cuda_graph))
+        if args.baseline and first_of_kind:
             reset_memory()
             t0 = time.perf_counter()
             log = plain_finetune(teacher, data, args.micro_batch, args.steps, warmup_of(rt), rt)
             row("plain_finetune", log, args.micro_batch, baseline_flops(config, args.seq), time.perf_counter() - t0,
                 None, rt)
+        stages = [s for s in args.stages if s == 1 or first_of_kind]
         for i, backend in enumerate(args.gdn_backends):
-            last = i == len(args.gdn_backends) - 1 and (mode, graph) == modes[-1]
-            measure_stages(backend, rt, args.profile_dir if (args.profile_dir and last) else None)
+            last = i == len(args.gdn_backends) - 1 and parallel is args.modes[-1]
+            measure_stages(backend, rt, stages, args.profile_dir if (args.profile_dir and last) else None)
 
 
 if __name__ == "__main__":

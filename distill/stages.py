@@ -30,6 +30,7 @@ from distill.distributed import Runtime
 from distill.evaluate import EvalSet, heldout_kl, kl_from_hidden
 from distill.model.compiled import set_compiled
 from distill.model.config import LINEAR_ATTENTION
+from distill.model.gdn_mixer import stacked_gdn_forward
 from distill.model.modeling import HybridForCausalLM
 from distill.train import TrainConfig, train
 from kernels.compiled import compiled
@@ -40,23 +41,33 @@ from kernels.compiled import compiled
 
 
 @torch.no_grad()
-def capture_attention(teacher: nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[(input to layer i's attention block (after its input norm), that block's output)] for every layer."""
-    taps: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def hook(module, args, kwargs, output):
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        taps.append((x.detach(), output[0].detach()))
-
+def capture_attention(teacher: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs [L, B, T, d], outputs [L, B, T, d]): every layer's attention-block input (after its input
+    norm) and that block's output, written into one tensor each as the forward passes (Stage 1 feeds them
+    to its stacked mixers as they are)."""
     layers = teacher.model.layers
-    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in layers]
+    inputs: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None
+
+    def hook(index: int, kwargs: dict, args: tuple, output) -> None:
+        nonlocal inputs, outputs
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        y = output[0]
+        if inputs is None:
+            inputs, outputs = x.new_empty((len(layers), *x.shape)), y.new_empty((len(layers), *y.shape))
+        inputs[index].copy_(x)
+        outputs[index].copy_(y)
+
+    handles = [layer.self_attn.register_forward_hook(
+        lambda module, args, kwargs, output, i=i: hook(i, kwargs, args, output), with_kwargs=True)
+        for i, layer in enumerate(layers)]
     try:
         # the last layer's MLP and the final norm are not needed; stopping early is not worth the code
         teacher.model(input_ids=input_ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return taps
+    return inputs, outputs
 
 
 def alignment_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, kind: str = "l2") -> torch.Tensor:
@@ -89,8 +100,7 @@ def heldout_alignment(teacher: nn.Module, student: HybridForCausalLM, eval_set: 
     count = 0
     for ids in eval_set.ids:
         with runtime.autocast():
-            taps = capture_attention(teacher, ids)
-            for i, (x, y) in enumerate(taps):
+            for i, (x, y) in enumerate(zip(*capture_attention(teacher, ids))):
                 out = student.model.layers[i].linear_attn(x)[0]
                 sums[i] += alignment_loss(out, y, kind).item() * ids.numel()
         count += ids.numel()
@@ -102,6 +112,14 @@ def heldout_alignment(teacher: nn.Module, student: HybridForCausalLM, eval_set: 
 # ---------------------------------------------------------------------------------------------
 # Stage 1
 # ---------------------------------------------------------------------------------------------
+
+
+def stacks_mixers(runtime: Runtime) -> bool:
+    """Whether Stage 1 runs its mixers stacked, as one batched computation (the same loss, a fraction of
+    the kernel launches). FSDP shards and activation checkpointing work mixer by mixer, so runs with
+    several processes or recomputation call each mixer in turn."""
+    parallel = runtime.parallel
+    return parallel.stack_mixers and runtime.world == 1 and not parallel.activation_checkpointing
 
 
 def run_stage1(
@@ -126,10 +144,15 @@ def run_stage1(
     def get_batch(step: int, micro: int) -> torch.Tensor:
         return batch_for_step(data, order, step, micro, cfg.micro_batch, accum, runtime.rank, runtime.world)
 
+    stack = stacks_mixers(runtime)
+
     def loss_fn(model: HybridForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        taps = capture_attention(teacher, ids)
+        inputs, outputs = capture_attention(teacher, ids)
         layers = model.model.layers
-        losses = [align(layer.linear_attn(x)[0], y, loss_kind) for layer, (x, y) in zip(layers, taps)]
+        if stack:
+            out = stacked_gdn_forward([layer.linear_attn for layer in layers], inputs)
+            return align(out, outputs, loss_kind), {}  # = the mean of the per-layer losses (equal sizes)
+        losses = [align(layer.linear_attn(x)[0], y, loss_kind) for layer, x, y in zip(layers, inputs, outputs)]
         return torch.stack(losses).mean(), {}
 
     def evaluate() -> dict:

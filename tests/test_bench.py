@@ -516,3 +516,28 @@ def test_compare_runner_end_to_end_on_stub_servers(tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--stub":
     run_stub_server(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+
+
+def test_train_throughput_measures_each_mode_and_stacking_changes_no_loss(tmp_path):
+    """bench/train_throughput.py on the CPU with a tiny teacher's config: one row per stage and mode (Stage 2
+    and the baseline once per compile/graph combination), and Stage 1 stacked logs the plain run's losses."""
+    import os
+
+    from tests.tiny_models import make_teacher
+
+    teacher, _ = make_teacher("llama", num_layers=2, hidden=64, heads=2, kv_heads=1)
+    teacher.config.save_pretrained(tmp_path / "teacher")
+    rows_file = tmp_path / "rows.jsonl"
+    argv = [sys.executable, "bench/train_throughput.py", "--config", str(tmp_path / "teacher" / "config.json"),
+            "--seq", "32", "--micro-batch", "2", "--steps", "2", "--warmup", "1", "--modes", "plain", "stack",
+            "--baseline", "--out", str(rows_file)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r["what"], r["mode"]) for r in rows] == [
+        ("plain_finetune", "plain"), ("stage1", "plain"), ("stage2", "plain"), ("stage1", "stack")]
+    assert all(r["tok_per_s"] > 0 and r["timed_steps"] == 2 for r in rows)
+    stage1 = {r["mode"]: r for r in rows if r["what"] == "stage1"}
+    assert stage1["stack"]["stack_mixers"] is True and stage1["plain"]["stack_mixers"] is False
+    assert stage1["stack"]["losses"] == pytest.approx(stage1["plain"]["losses"], rel=1e-4)

@@ -49,16 +49,16 @@ def all_linear(teacher, seed=0):
 def test_capture_attention_taps_each_blocks_input_and_output(setup):
     teacher, _, data, _ = setup
     ids = data.train_batch([0, 1])
-    taps = capture_attention(teacher, ids)
-    assert len(taps) == 3
+    inputs, outputs = capture_attention(teacher, ids)
+    assert inputs.shape == outputs.shape == (3, *ids.shape, teacher.config.hidden_size)
     layer0 = teacher.model.layers[0]
     x0 = layer0.input_layernorm(teacher.model.embed_tokens(ids))
-    torch.testing.assert_close(taps[0][0], x0)
+    torch.testing.assert_close(inputs[0], x0)
     # the tapped output is what the block computes from the tapped input
     pos = torch.arange(SEQ)[None]
     pe = teacher.model.rotary_emb(x0, pos)
     mask = torch.full((SEQ, SEQ), float("-inf")).triu(1)[None, None]
-    for i, (x, y) in enumerate(taps):
+    for i, (x, y) in enumerate(zip(inputs, outputs)):
         out, _ = teacher.model.layers[i].self_attn(hidden_states=x, position_embeddings=pe, attention_mask=mask)
         torch.testing.assert_close(out, y, atol=1e-5, rtol=1e-4)
 
@@ -129,6 +129,23 @@ def test_activation_checkpointing_changes_no_number(setup, tmp_path):
     for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
         assert torch.equal(a, b), name
     assert not any("forward" in vars(layer) for layer in recomputed.model.layers)
+
+
+def test_stage1_stacked_mixers_train_as_mixer_by_mixer(setup, tmp_path):
+    """One process runs Stage 1's mixers stacked (one batched computation); `parallel.stack_mixers=false`
+    runs them one by one. Same losses and weights, to float32 rounding of a batched GEMM."""
+    teacher, _, data, _ = setup
+    cfg = TrainConfig(steps=4, seq_len=SEQ, batch=2, micro_batch=1, lr=3e-3, save_every=0)
+    stacked, one_by_one = all_linear(teacher), all_linear(teacher)
+    stacked_log = run_stage1(teacher, stacked, data, cfg, tmp_path / "stacked", CPU)
+    by_mixer = replace(CPU, parallel=ParallelConfig(stack_mixers=False))
+    mixer_log = run_stage1(teacher, one_by_one, data, cfg, tmp_path / "one-by-one", by_mixer)
+    assert [r["loss"] for r in stacked_log] == pytest.approx([r["loss"] for r in mixer_log], rel=1e-5)
+    moved = 0
+    for (name, a), b, start in zip(stacked.named_parameters(), one_by_one.parameters(), all_linear(teacher).parameters()):
+        assert (a - b).abs().max() <= 1e-4 * (b - start).abs().max() + 1e-7, name
+        moved += not torch.equal(b, start)
+    assert moved  # the runs trained: the comparison is not of two untouched models
 
 
 def test_stage2_lr_groups():

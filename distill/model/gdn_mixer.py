@@ -63,23 +63,29 @@ def gdn_kernel_inputs(
 ) -> tuple[torch.Tensor, ...]:
     """The elementwise chain between the input projections and the gated delta rule.
 
-    conv_in [B, L, conv_dim]: q|k|v of the new tokens, after any cached conv window (L >= T, T = a's
-    length); a, b [B, T, H]; conv_weight [conv_dim, W]. Returns q, k [B, T, H, K], v [B, T, H, V] and
-    beta [B, T, H] in conv_in's dtype, and the log-decay g [B, T, H] in float32. One pure function so
-    that training can run it compiled (fused forward and backward kernels instead of ~20 ops; see
-    distill.model.compiled) while decoding and the CPU run the same formula eagerly.
+    conv_in [..., L, conv_dim]: q|k|v of the new tokens, after any cached conv window (L >= T, T = a's
+    length); a, b [..., T, H]; conv_weight [conv_dim, W]; A_log, dt_bias [H]. The leading dims are a
+    batch [B], or [layers, B] for stacked mixers, whose weights then come per layer: conv_weight
+    [layers, 1, 1, conv_dim, W], A_log and dt_bias [layers, 1, 1, H]. Returns
+    q, k [..., T, H, K], v [..., T, H, V] and beta [..., T, H] in conv_in's dtype, and the log-decay
+    g [..., T, H] in float32. One pure function so that training can run it compiled (fused forward and
+    backward kernels instead of ~20 ops; see distill.model.compiled) while decoding and the CPU run the
+    same formula eagerly.
     """
-    batch, seq_len, _ = a.shape
+    seq_len = a.shape[-2]
     dtype = conv_in.dtype
     key_dim = num_heads * head_k_dim
-    qkv = F.silu(causal_conv1d(conv_in, conv_weight)[:, -seq_len:])
+    qkv = F.silu(causal_conv1d(conv_in, conv_weight)[..., -seq_len:, :])
     q, k, v = qkv.split([key_dim, key_dim, num_heads * head_v_dim], dim=-1)
-    q = l2norm(q.reshape(batch, seq_len, num_heads, head_k_dim)).to(dtype)
-    k = l2norm(k.reshape(batch, seq_len, num_heads, head_k_dim)).to(dtype)
-    v = v.reshape(batch, seq_len, num_heads, head_v_dim).to(dtype)
+    q = l2norm(q.unflatten(-1, (num_heads, head_k_dim))).to(dtype)
+    k = l2norm(k.unflatten(-1, (num_heads, head_k_dim))).to(dtype)
+    v = v.unflatten(-1, (num_heads, head_v_dim)).to(dtype)
     beta = b.float().sigmoid().to(dtype)
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
     return q, k, v, g, beta
+
+
+INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "z_proj", "a_proj", "b_proj")  # in their concatenated order
 
 
 class GatedDeltaNet(nn.Module):
@@ -123,16 +129,22 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.norm.weight.fill_(1.0)
 
+    def input_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The six input projections as one: weight [conv_dim + value_dim + 2H, hidden] and its bias (the
+        teacher's q/k/v bias, zeros for z, a, b) or None."""
+        weight = torch.cat([getattr(self, name).weight for name in INPUT_PROJECTIONS])
+        if self.q_proj.bias is None:
+            return weight, None
+        zeros = self.q_proj.bias.new_zeros(self.value_dim + 2 * self.num_heads)
+        return weight, torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias, zeros])
+
+    def split_projections(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[..., conv_dim + value_dim + 2H] -> q|k|v, z, a, b."""
+        return out.split([self.conv_dim, self.value_dim, self.num_heads, self.num_heads], dim=-1)
+
     def _input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q|k|v, z, a, b from one GEMM over the six projections' weights (one read of x, no tiny GEMMs)."""
-        projections = (self.q_proj, self.k_proj, self.v_proj, self.z_proj, self.a_proj, self.b_proj)
-        weight = torch.cat([m.weight for m in projections])
-        bias = None
-        if self.q_proj.bias is not None:
-            zeros = self.q_proj.bias.new_zeros(self.value_dim + 2 * self.num_heads)
-            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias, zeros])
-        out = F.linear(x, weight, bias)
-        return out.split([self.conv_dim, self.value_dim, self.num_heads, self.num_heads], dim=-1)
+        return self.split_projections(F.linear(x, *self.input_weight()))
 
     def forward(
         self,
@@ -173,6 +185,43 @@ class GatedDeltaNet(nn.Module):
         z = z.reshape(batch, seq_len, self.num_heads, self.head_v_dim)
         o = self.norm(o, z).reshape(batch, seq_len, self.value_dim)
         return self.o_proj(o), None
+
+
+def stacked_gdn_forward(mixers: list[GatedDeltaNet], x: torch.Tensor) -> torch.Tensor:
+    """mixers[i](x[i]) for every i, as one batched computation: x [L, B, T, hidden] -> [L, B, T, hidden].
+
+    Stage 1 trains each layer's mixer on its own teacher input, independently of the others. Stacked,
+    the L mixers cost one batched GEMM per projection group and one chunked-GDN call over L x B sequences
+    instead of L of each: the step was bound by launching kernels, not by running them
+    (bench/results/train_throughput.md). The same function as calling each mixer without a cache or a
+    padding mask; the mixers share one shape, GDN backend and compile flag (those of mixers[0])."""
+    first = mixers[0]
+    n_layers, batch, seq_len, _ = x.shape
+    heads, k_dim, v_dim = first.num_heads, first.head_k_dim, first.head_v_dim
+
+    def stacked(get) -> torch.Tensor:
+        return torch.stack([get(m) for m in mixers])
+
+    weights = [m.input_weight() for m in mixers]
+    out = torch.matmul(x.flatten(1, 2), torch.stack([w for w, _ in weights]).transpose(1, 2))  # [L, B*T, N]
+    if weights[0][1] is not None:
+        out = out + torch.stack([b for _, b in weights]).to(out.dtype)[:, None]
+    qkv, z, a, b = first.split_projections(out.unflatten(1, (batch, seq_len)))
+
+    per_layer = (n_layers, 1, 1)  # broadcast over [B, T]
+    inputs = compiled(gdn_kernel_inputs) if first.compiled else gdn_kernel_inputs
+    q, k, v, g, beta = inputs(qkv, a, b, stacked(lambda m: m.conv1d.weight[:, 0]).view(*per_layer, first.conv_dim, -1),
+                              stacked(lambda m: m.A_log).view(*per_layer, heads),
+                              stacked(lambda m: m.dt_bias).view(*per_layer, heads), heads, k_dim, v_dim)
+    o, _ = chunk_gated_delta_rule(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), g.flatten(0, 1),
+                                  beta.flatten(0, 1), backend=first.gdn_backend, compiled=first.compiled)
+    norm = compiled(gated_rms_norm) if first.compiled else gated_rms_norm
+    o = norm(o.unflatten(0, (n_layers, batch)), z.unflatten(-1, (heads, v_dim)),
+             stacked(lambda m: m.norm.weight).view(*per_layer, 1, v_dim), first.norm.eps)  # [L, B, T, H, V]
+    y = torch.matmul(o.flatten(-2).flatten(1, 2), stacked(lambda m: m.o_proj.weight).transpose(1, 2))
+    if first.o_proj.bias is not None:
+        y = y + stacked(lambda m: m.o_proj.bias).to(y.dtype)[:, None]
+    return y.unflatten(1, (batch, seq_len))
 
 
 def _set_on_mixers(model: nn.Module, attribute: str, value: str, allowed: tuple[str, ...], what: str) -> int:
