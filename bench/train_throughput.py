@@ -152,7 +152,7 @@ def plain_finetune(teacher, data, micro: int, steps: int, warmup: int, runtime) 
     return log
 
 
-MODE_SWITCHES = {"stack": "stack_mixers", "compile": "compile", "graph": "cuda_graph"}  # -> ParallelConfig fields
+MODE_SWITCHES = ("stack", "compile", "graph")
 
 
 def parse_mode(text: str):
@@ -164,11 +164,13 @@ def parse_mode(text: str):
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown switch {sorted(unknown)} in mode {text!r}; "
                                          f"use 'plain' or '+'-joined {sorted(MODE_SWITCHES)}")
-    return ParallelConfig(**{field: name in switches for name, field in MODE_SWITCHES.items()})
+    return ParallelConfig(stack_mixers="on" if "stack" in switches else "off", compile="compile" in switches,
+                          cuda_graph="graph" in switches)
 
 
 def mode_name(parallel) -> str:
-    return "+".join(name for name, field in MODE_SWITCHES.items() if getattr(parallel, field)) or "plain"
+    switches = {"stack": parallel.stack_mixers == "on", "compile": parallel.compile, "graph": parallel.cuda_graph}
+    return "+".join(name for name in MODE_SWITCHES if switches[name]) or "plain"
 
 
 def profile_one_step(run, out: Path, title: str) -> None:
@@ -201,7 +203,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", type=parse_mode, default=[parse_mode("stack")], metavar="MODE",
                    help="how the step runs, one measurement each: 'plain' or '+'-joined switches of "
                    f"{sorted(MODE_SWITCHES)} (e.g. plain stack stack+compile+graph; default: stack, what "
-                   "`hybrid convert` runs). Stage 2 and the baseline run once per compile/graph combination")
+                   "`hybrid convert` runs on CUDA). Stage 2 and the baseline run once per compile/graph combination")
     p.add_argument("--baseline", action="store_true", help="also time plain fine-tuning of the teacher")
     p.add_argument("--profile-dir", type=Path, help="profile one step per stage of the last backend into this dir")
     p.add_argument("--label", default="", help="a free-text label stored with each row")
@@ -216,7 +218,7 @@ def main() -> None:
     from distill.model.gdn_mixer import set_gdn_backend
     from distill.placement import k_from_ratio, uniform_softmax_layers
     from distill.model.transfer import restore_softmax
-    from distill.stages import Stage2Config, run_stage1, run_stage2
+    from distill.stages import Stage2Config, run_stage1, run_stage2, stacks_mixers
     from distill.model.teacher import load_teacher
     from distill.train import TrainConfig
     from distill.model.transfer import hybrid_from_teacher
@@ -254,7 +256,7 @@ def main() -> None:
     def row(what: str, log: list[dict], micro: int, flops: float, seconds: float, backend: str | None,
             rt) -> dict:
         compiled, graphed = rt.parallel.compile, rt.parallel.cuda_graph
-        stacked = rt.parallel.stack_mixers if what == "stage1" else None
+        stacked = stacks_mixers(rt) if what == "stage1" else None
         timed = log[warmup_of(rt) :]
         per_step = micro * args.seq * runtime.world
         tok_s = len(timed) * per_step / sum(per_step / r["tok_per_s"] for r in timed)

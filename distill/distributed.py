@@ -33,8 +33,8 @@ class ParallelConfig:
     compile: bool = False  # torch.compile the elementwise work (distill.model.compiled): less GPU time and memory,
     # more host time per step; see bench/results/train_throughput.md ("torch.compile") for when it pays
     cuda_graph: bool = False  # replay each optimiser step from a CUDA graph (distill.cuda_graph); one CUDA process
-    stack_mixers: bool = True  # Stage 1 runs every mixer in one batched computation (one process, no activation
-    # checkpointing; distill.model.gdn_mixer.stacked_gdn_forward) instead of one mixer after another
+    stack_mixers: str = "auto"  # Stage 1 runs every mixer in one batched computation (distill.stages.stacks_mixers):
+    # "auto" on CUDA (fewer kernel launches), "on", "off"; one process without activation checkpointing only
 
 
 @dataclass(frozen=True)

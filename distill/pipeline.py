@@ -219,7 +219,7 @@ def log_gdn_path(runtime: Runtime) -> str:
     log.info("elementwise work (norms, MLPs, the GDN conv/gate chain): %s",
              "compiled (torch.compile)" if runtime.parallel.compile else "eager (parallel.compile=true compiles it)")
     log.info("Stage 1 mixers: %s", "stacked, one batched computation" if stacks_mixers(runtime)
-             else "one after another (several processes, activation checkpointing or parallel.stack_mixers=false)")
+             else "one after another (several processes, activation checkpointing or parallel.stack_mixers: auto stacks on CUDA)")
     return path
 
 

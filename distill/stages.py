@@ -27,6 +27,7 @@ from torch import nn
 
 from distill.data import BlockOrder, PackedData, batch_for_step
 from distill.distributed import Runtime
+from distill.errors import UserError
 from distill.evaluate import EvalSet, heldout_kl, kl_from_hidden
 from distill.model.compiled import set_compiled
 from distill.model.config import LINEAR_ATTENTION
@@ -114,12 +115,20 @@ def heldout_alignment(teacher: nn.Module, student: HybridForCausalLM, eval_set: 
 # ---------------------------------------------------------------------------------------------
 
 
+STACK_MIXERS = ("auto", "on", "off")
+
+
 def stacks_mixers(runtime: Runtime) -> bool:
-    """Whether Stage 1 runs its mixers stacked, as one batched computation (the same loss, a fraction of
-    the kernel launches). FSDP shards and activation checkpointing work mixer by mixer, so runs with
-    several processes or recomputation call each mixer in turn."""
+    """Whether Stage 1 runs its mixers stacked, as one batched computation: the same loss with a fraction of
+    the kernel launches, which is what a GPU step is bound by. "auto" stacks on CUDA only: on a CPU the
+    stacked intermediates outgrow the caches and the step took twice as long (SmolLM2 shape, 8 x 512).
+    FSDP shards and activation checkpointing work mixer by mixer, so runs with several processes or
+    recomputation call each mixer in turn."""
     parallel = runtime.parallel
-    return parallel.stack_mixers and runtime.world == 1 and not parallel.activation_checkpointing
+    if parallel.stack_mixers not in STACK_MIXERS:
+        raise UserError(f"parallel.stack_mixers must be one of {', '.join(STACK_MIXERS)}, got {parallel.stack_mixers!r}")
+    wanted = parallel.stack_mixers == "on" or (parallel.stack_mixers == "auto" and runtime.device.type == "cuda")
+    return wanted and runtime.world == 1 and not parallel.activation_checkpointing
 
 
 def run_stage1(

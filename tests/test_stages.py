@@ -10,6 +10,7 @@ import torch
 
 from distill.data import DataSpec, prepare_data
 from distill.distributed import ParallelConfig, Runtime
+from distill.errors import UserError
 from distill.evaluate import EvalSet, heldout_kl
 from distill.model.config import LINEAR_ATTENTION
 from distill.model.transfer import hybrid_from_teacher, restore_softmax
@@ -20,6 +21,7 @@ from distill.stages import (
     run_stage1,
     run_stage2,
     run_stage3,
+    stacks_mixers,
     stage2_param_groups,
 )
 from distill.train import TrainConfig, lr_factor, read_log, train
@@ -132,20 +134,31 @@ def test_activation_checkpointing_changes_no_number(setup, tmp_path):
 
 
 def test_stage1_stacked_mixers_train_as_mixer_by_mixer(setup, tmp_path):
-    """One process runs Stage 1's mixers stacked (one batched computation); `parallel.stack_mixers=false`
-    runs them one by one. Same losses and weights, to float32 rounding of a batched GEMM."""
+    """`parallel.stack_mixers=on` runs Stage 1's mixers stacked (one batched computation; what CUDA runs by
+    default), `off` one by one (the CPU's default). Same losses and weights, to float32 rounding of a batched GEMM."""
     teacher, _, data, _ = setup
     cfg = TrainConfig(steps=4, seq_len=SEQ, batch=2, micro_batch=1, lr=3e-3, save_every=0)
     stacked, one_by_one = all_linear(teacher), all_linear(teacher)
-    stacked_log = run_stage1(teacher, stacked, data, cfg, tmp_path / "stacked", CPU)
-    by_mixer = replace(CPU, parallel=ParallelConfig(stack_mixers=False))
-    mixer_log = run_stage1(teacher, one_by_one, data, cfg, tmp_path / "one-by-one", by_mixer)
+    stacked_log = run_stage1(teacher, stacked, data, cfg, tmp_path / "stacked",
+                             replace(CPU, parallel=ParallelConfig(stack_mixers="on")))
+    mixer_log = run_stage1(teacher, one_by_one, data, cfg, tmp_path / "one-by-one", CPU)
     assert [r["loss"] for r in stacked_log] == pytest.approx([r["loss"] for r in mixer_log], rel=1e-5)
     moved = 0
     for (name, a), b, start in zip(stacked.named_parameters(), one_by_one.parameters(), all_linear(teacher).parameters()):
         assert (a - b).abs().max() <= 1e-4 * (b - start).abs().max() + 1e-7, name
         moved += not torch.equal(b, start)
     assert moved  # the runs trained: the comparison is not of two untouched models
+
+
+def test_where_stage1_stacks_its_mixers():
+    def stacks(device: str = "cpu", world: int = 1, **parallel) -> bool:
+        return stacks_mixers(Runtime(device=torch.device(device), world=world, parallel=ParallelConfig(**parallel)))
+
+    assert stacks("cuda") and not stacks("cpu")  # auto: where launches, not memory traffic, bound the step
+    assert stacks("cpu", stack_mixers="on") and not stacks("cuda", stack_mixers="off")
+    assert not stacks("cuda", world=2) and not stacks("cuda", activation_checkpointing=True)  # mixer by mixer
+    with pytest.raises(UserError, match="parallel.stack_mixers must be one of auto, on, off, got 'yes'"):
+        stacks(stack_mixers="yes")
 
 
 def test_stage2_lr_groups():
