@@ -54,7 +54,7 @@ from distill.selection import (
     score_kl_restore,
     uniform_ranking,
 )
-from distill.stages import run_stage1, run_stage2, run_stage3, stacks_mixers
+from distill.stages import describe_stage1_mixers, run_stage1, run_stage2, run_stage3
 from distill.train import read_log
 from distill.train_state import remove_checkpoints
 
@@ -218,8 +218,7 @@ def log_gdn_path(runtime: Runtime) -> str:
     log.info("GDN chunk path (training and prefill): %s", path)
     log.info("elementwise work (norms, MLPs, the GDN conv/gate chain): %s",
              "compiled (torch.compile)" if runtime.parallel.compile else "eager (parallel.compile=true compiles it)")
-    log.info("Stage 1 mixers: %s", "stacked, one batched computation" if stacks_mixers(runtime)
-             else "one after another (several processes, activation checkpointing or parallel.stack_mixers: auto stacks on CUDA)")
+    log.info("Stage 1 mixers: %s", describe_stage1_mixers(runtime))
     return path
 
 

@@ -131,6 +131,19 @@ def stacks_mixers(runtime: Runtime) -> bool:
     return wanted and runtime.world == 1 and not parallel.activation_checkpointing
 
 
+def describe_stage1_mixers(runtime: Runtime) -> str:
+    """How Stage 1 runs its mixers here, and why (for the run's log)."""
+    if stacks_mixers(runtime):
+        return "stacked, one batched computation"
+    if runtime.world > 1:
+        return "one after another (FSDP shards them one by one)"
+    if runtime.parallel.activation_checkpointing:
+        return "one after another (activation checkpointing recomputes them one by one)"
+    if runtime.parallel.stack_mixers == "off":
+        return "one after another (parallel.stack_mixers=off)"
+    return "one after another (faster on a CPU; parallel.stack_mixers=on stacks them)"
+
+
 def run_stage1(
     teacher: nn.Module,
     student: HybridForCausalLM,

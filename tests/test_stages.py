@@ -18,6 +18,7 @@ from distill.selection import final_hidden_from_layer
 from distill.stages import (
     Stage2Config,
     capture_attention,
+    describe_stage1_mixers,
     run_stage1,
     run_stage2,
     run_stage3,
@@ -159,6 +160,8 @@ def test_where_stage1_stacks_its_mixers():
     assert not stacks("cuda", world=2) and not stacks("cuda", activation_checkpointing=True)  # mixer by mixer
     with pytest.raises(UserError, match="parallel.stack_mixers must be one of auto, on, off, got 'yes'"):
         stacks(stack_mixers="yes")
+    assert "faster on a CPU" in describe_stage1_mixers(Runtime())  # the run's log says why
+    assert describe_stage1_mixers(Runtime(device=torch.device("cuda"))).startswith("stacked")
 
 
 def test_stage2_lr_groups():
