@@ -97,13 +97,16 @@ def freeze_all_but_mixers(model: HybridForCausalLM) -> None:
 def heldout_alignment(teacher: nn.Module, student: HybridForCausalLM, eval_set: EvalSet, runtime: Runtime,
                       kind: str = "l2") -> list[float]:
     """Per-layer held-out Stage-1 alignment loss (token-weighted over all processes)."""
-    sums = torch.zeros(len(student.model.layers), dtype=torch.float64)
+    mixers = [layer.linear_attn for layer in student.model.layers]
+    stacked = stacks_mixers(runtime)
+    sums = torch.zeros(len(mixers), dtype=torch.float64)
     count = 0
     for ids in eval_set.ids:
         with runtime.autocast():
-            for i, (x, y) in enumerate(zip(*capture_attention(teacher, ids))):
-                out = student.model.layers[i].linear_attn(x)[0]
-                sums[i] += alignment_loss(out, y, kind).item() * ids.numel()
+            inputs, outputs = capture_attention(teacher, ids)
+            outs = stacked_gdn_forward(mixers, inputs) if stacked else [m(x)[0] for m, x in zip(mixers, inputs)]
+            losses = torch.stack([alignment_loss(out, y, kind) for out, y in zip(outs, outputs)])
+        sums += losses.double().cpu() * ids.numel()  # one device sync per batch
         count += ids.numel()
     values = [runtime.all_reduce_mean(float(s)) * runtime.world for s in sums]
     count = runtime.all_reduce_mean(float(count)) * runtime.world

@@ -137,13 +137,15 @@ def test_activation_checkpointing_changes_no_number(setup, tmp_path):
 def test_stage1_stacked_mixers_train_as_mixer_by_mixer(setup, tmp_path):
     """`parallel.stack_mixers=on` runs Stage 1's mixers stacked (one batched computation; what CUDA runs by
     default), `off` one by one (the CPU's default). Same losses and weights, to float32 rounding of a batched GEMM."""
-    teacher, _, data, _ = setup
+    teacher, _, data, eval_set = setup
     cfg = TrainConfig(steps=4, seq_len=SEQ, batch=2, micro_batch=1, lr=3e-3, save_every=0)
     stacked, one_by_one = all_linear(teacher), all_linear(teacher)
     stacked_log = run_stage1(teacher, stacked, data, cfg, tmp_path / "stacked",
-                             replace(CPU, parallel=ParallelConfig(stack_mixers="on")))
-    mixer_log = run_stage1(teacher, one_by_one, data, cfg, tmp_path / "one-by-one", CPU)
+                             replace(CPU, parallel=ParallelConfig(stack_mixers="on")), eval_set)
+    mixer_log = run_stage1(teacher, one_by_one, data, cfg, tmp_path / "one-by-one", CPU, eval_set)
     assert [r["loss"] for r in stacked_log] == pytest.approx([r["loss"] for r in mixer_log], rel=1e-5)
+    # the held-out evaluation runs stacked too, and gives each layer's own loss
+    assert stacked_log[-1]["eval_align_layers"] == pytest.approx(mixer_log[-1]["eval_align_layers"], rel=1e-4)
     moved = 0
     for (name, a), b, start in zip(stacked.named_parameters(), one_by_one.parameters(), all_linear(teacher).parameters()):
         assert (a - b).abs().max() <= 1e-4 * (b - start).abs().max() + 1e-7, name
