@@ -3,9 +3,8 @@
     python -m bench.stage1_stacking --shape smollm2-135m --batch 8 --seq 512 --device cpu
     python -m bench.stage1_stacking --shape smollm2-135m --batch 8 --seq 2048 --device cuda
 
-The step is Stage 1's own loss (`distill.stages.capture_attention`, `alignment_loss`, and either each mixer
-or `distill.model.gdn_mixer.stacked_gdn_forward`) forward and backward, on the built-in shape with random
-weights. "aten ops" counts the operator calls torch.profiler records in one step (views included, and
+The step is Stage 1's own loss (`distill.stages.stage1_loss`) forward and backward, on the built-in shape
+with random weights. "aten ops" counts the operator calls torch.profiler records in one step (views included, and
 without views): on a GPU each non-view call is host time, the cost a launch-bound step pays (on a CPU the
 torch GDN path loops over 64-token chunks, so count there at a short --seq). Time: mean of
 --repeats steps after one warm-up, the two ways alternating so drift hits both.
@@ -42,9 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bench.train_throughput import SHAPES, shape_config
     from distill.model.config import LINEAR_ATTENTION
-    from distill.model.gdn_mixer import stacked_gdn_forward
     from distill.model.transfer import hybrid_from_teacher
-    from distill.stages import alignment_loss, capture_attention, freeze_all_but_mixers
+    from distill.stages import freeze_all_but_mixers, stage1_loss
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
@@ -68,17 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def one_after_another() -> None:
-        with autocast:
-            inputs, outputs = capture_attention(teacher, ids)
-            loss = torch.stack([alignment_loss(m(x)[0], y) for m, x, y in zip(mixers, inputs, outputs)]).mean()
-        loss.backward()
-
-    def stacked() -> None:
-        with autocast:
-            inputs, outputs = capture_attention(teacher, ids)
-            loss = alignment_loss(stacked_gdn_forward(mixers, inputs), outputs)
-        loss.backward()
+    def stage1_step(stacked: bool):
+        def run() -> None:
+            with autocast:
+                loss = stage1_loss(teacher, mixers, ids, stacked)
+            loss.backward()
+        return run
 
     def timed(step) -> float:
         if device.type == "cuda":
@@ -90,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    ways = {"one after another": one_after_another, "stacked": stacked}
+    ways = {"one after another": stage1_step(stacked=False), "stacked": stage1_step(stacked=True)}
     seconds: dict[str, list[float]] = {name: [] for name in ways}
     for name, step in ways.items():
         timed(step)  # warm-up: autotuning, allocator

@@ -290,7 +290,6 @@ def main() -> None:
         """Untimed steps: --warmup, and with a CUDA graph also the eager steps before capture and the capture."""
         return max(args.warmup, GRAPH_WARMUP) if rt.parallel.cuda_graph else args.warmup
 
-
     def measure_stages(backend: str, rt, stages: list[int], profile: Path | None) -> None:
         tag = f"GDN {backend}, mode {mode_name(rt.parallel)}"
         student = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * L).to(runtime.device)

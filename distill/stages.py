@@ -16,6 +16,7 @@ Each stage is a loss function plus parameter groups handed to `distill.train.tra
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ def capture_attention(teacher: nn.Module, input_ids: torch.Tensor) -> tuple[torc
     inputs: torch.Tensor | None = None
     outputs: torch.Tensor | None = None
 
-    def hook(index: int, kwargs: dict, args: tuple, output) -> None:
+    def hook(index: int, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         nonlocal inputs, outputs
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         y = output[0]
@@ -59,9 +60,8 @@ def capture_attention(teacher: nn.Module, input_ids: torch.Tensor) -> tuple[torc
         inputs[index].copy_(x)
         outputs[index].copy_(y)
 
-    handles = [layer.self_attn.register_forward_hook(
-        lambda module, args, kwargs, output, i=i: hook(i, kwargs, args, output), with_kwargs=True)
-        for i, layer in enumerate(layers)]
+    handles = [layer.self_attn.register_forward_hook(functools.partial(hook, i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
     try:
         # the last layer's MLP and the final norm are not needed; stopping early is not worth the code
         teacher.model(input_ids=input_ids, use_cache=False)
@@ -147,6 +147,16 @@ def describe_stage1_mixers(runtime: Runtime) -> str:
     return "one after another (faster on a CPU; parallel.stack_mixers=on stacks them)"
 
 
+def stage1_loss(teacher: nn.Module, mixers: list[nn.Module], ids: torch.Tensor, stacked: bool,
+                kind: str = "l2", align: Callable = alignment_loss) -> torch.Tensor:
+    """Stage 1's loss on token ids: the mean over layers of each mixer's alignment loss to its teacher block,
+    the mixers run stacked (one batched computation) or one after another."""
+    inputs, outputs = capture_attention(teacher, ids)
+    if stacked:  # one loss over [L, B, T, d] = the mean of the per-layer losses (equal sizes)
+        return align(stacked_gdn_forward(mixers, inputs), outputs, kind)
+    return torch.stack([align(m(x)[0], y, kind) for m, x, y in zip(mixers, inputs, outputs)]).mean()
+
+
 def run_stage1(
     teacher: nn.Module,
     student: HybridForCausalLM,
@@ -172,13 +182,8 @@ def run_stage1(
     stack = stacks_mixers(runtime)
 
     def loss_fn(model: HybridForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        inputs, outputs = capture_attention(teacher, ids)
-        layers = model.model.layers
-        if stack:
-            out = stacked_gdn_forward([layer.linear_attn for layer in layers], inputs)
-            return align(out, outputs, loss_kind), {}  # = the mean of the per-layer losses (equal sizes)
-        losses = [align(layer.linear_attn(x)[0], y, loss_kind) for layer, x, y in zip(layers, inputs, outputs)]
-        return torch.stack(losses).mean(), {}
+        mixers = [layer.linear_attn for layer in model.model.layers]
+        return stage1_loss(teacher, mixers, ids, stack, loss_kind, align), {}
 
     def evaluate() -> dict:
         layers = heldout_alignment(teacher, student, eval_set, runtime, loss_kind)
