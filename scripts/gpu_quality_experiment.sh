@@ -8,7 +8,8 @@
 #            (RANKINGS=bench/results/quality_h100 reuses committed rankings instead of the score phase)
 #   align    carry [.whl, .device/smol.gguf.ab, .device/smol.gguf.ac]   joins the GGUF; Stage 1; kl-restore ranking
 #   score    carry [.whl]       GA-S2, GA-S1 and ablation rankings
-#   distill  carry [.whl]       Stage 2 for each layer choice in $HYBRIDS (default: ga-s2 uniform)
+#   distill  carry [.whl]       Stage 2 for each layer choice in $HYBRIDS (default: ga-s2 uniform); TAG names a variant
+#                               (e.g. TAG=4k EXTRA="--set stage2.train.seq_len=4096 ..." -> hybrid-ga-s2-k8-s0-4k)
 #   eval     carry [.whl]       hybrid eval: teacher + every finished hybrid; rankings and metrics to $OUT
 #
 # .device/ holds the SmolLM2 GGUF split with `split -b 40000000` and ../shared/data/en-mix-*.jsonl.xz.
@@ -76,7 +77,7 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla
     # NAME or NAME@RATIO; NAME is a selector whose ranking phase `score` wrote, or `uniform`
     for spec in ${HYBRIDS:-ga-s2 uniform}; do
       name=${spec%@*}; ratio=0.25; [[ $spec == *@* ]] && ratio=${spec#*@}
-      k=$(k_of "$ratio"); out="$X/hybrid-$name-k$k-s${SEED:-0}"
+      k=$(k_of "$ratio"); out="$X/hybrid-$name-k$k-s${SEED:-0}${TAG:+-$TAG}"
       if [[ $name == uniform ]]; then
         layers=$(python3 -c "from distill.placement import uniform_softmax_layers as u; print(','.join(map(str, u(30, $k))))")
         hybrid distill --stage1 "$X/stage1" --softmax-layers "$layers" --out "$out"
