@@ -542,6 +542,15 @@ def test_train_throughput_measures_each_mode_and_stacking_changes_no_loss(tmp_pa
     assert stage1["stack"]["stack_mixers"] is True and stage1["plain"]["stack_mixers"] is False
     assert stage1["stack"]["losses"] == pytest.approx(stage1["plain"]["losses"], rel=1e-4)
 
+    from bench.throughput_table import load_rows, render
+
+    table = render(load_rows(rows_file)).splitlines()
+    body = [line for line in table if line.startswith("| ") and not line.startswith("| run")]
+    assert [line.split(" | ")[:2] for line in body] == [
+        ["| plain fine-tune (baseline)", "plain"], ["| Stage 1", "plain"], ["| Stage 2", "plain"], ["| Stage 1", "stack"]]
+    ratio = stage1["stack"]["tok_per_s"] / stage1["plain"]["tok_per_s"]
+    assert body[3].split(" | ")[3] == f"{ratio:.2f}×"
+
 
 def test_stage1_stacking_bench_counts_fewer_ops_stacked():
     """bench/stage1_stacking.py on the CPU at a tiny size: both ways run, stacked launches several times fewer ops."""
