@@ -49,6 +49,11 @@ hybrid() {
     --preset small --device "$DEVICE" --seed "${SEED:-0}" "${SETTINGS[@]}" 2>&1 | grep -v "it/s]\|s/it]"
   echo "$(( SECONDS - start )) s: hybrid $*" | tee -a "$X/wall.log"
 }
+rank() {  # rank SELECTOR [hybrid score args]: skipped where a ranking is there already (RANKINGS=, or a finished run)
+  local sel=$1; shift
+  if [[ -f $X/rank-$sel/ranking.json ]]; then echo "ranking $sel: kept $X/rank-$sel/ranking.json"; return 0; fi
+  hybrid score "$@" --selector "$sel" --k 8 --out "$X/rank-$sel"
+}
 k_of() { python3 -c "import sys; from distill.placement import k_from_ratio; print(k_from_ratio(float(sys.argv[1]), 30))" "$1"; }
 
 case $PHASE in
@@ -66,12 +71,12 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla
     cat "$X/smol.gguf.aa" .device/smol.gguf.ab .device/smol.gguf.ac > "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
     sha256sum "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
     hybrid align --out "$X/stage1"
-    hybrid score --stage1 "$X/stage1" --selector kl-restore --k 8 --out "$X/rank-kl-restore"
+    rank kl-restore --stage1 "$X/stage1"
     ;;
   score)
-    hybrid score --stage1 "$X/stage1" --selector ga-s2 --k 8 --out "$X/rank-ga-s2"
-    hybrid score --stage1 "$X/stage1" --selector ga-s1 --k 8 --out "$X/rank-ga-s1"
-    hybrid score --selector ablation --k 8 --out "$X/rank-ablation"
+    rank ga-s2 --stage1 "$X/stage1"
+    rank ga-s1 --stage1 "$X/stage1"
+    rank ablation
     ;;
   distill)
     # NAME or NAME@RATIO; NAME is a selector whose ranking phase `score` wrote, or `uniform`
