@@ -11,8 +11,10 @@ issue-14 targets (SmolLM2-135M at 8 x 2048 on one H100) are checked where those 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from distill.data import jsonl_rows
+from distill.errors import UserError
 
 STAGE_NAMES = {"plain_finetune": "plain fine-tune (baseline)", "stage1": "Stage 1", "stage2": "Stage 2"}
 TARGET_TOK_S = {"stage1": 150_000, "stage2": 100_000}  # SmolLM2-135M, 8 x 2048, one H100 (issue 14)
@@ -20,15 +22,9 @@ TARGET_TOK_S = {"stage1": 150_000, "stage2": 100_000}  # SmolLM2-135M, 8 x 2048,
 
 def load_rows(path: Path, label: str | None = None, date: str | None = None) -> list[dict]:
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{n}: not a JSON row ({e.msg})") from None
+    for n, row in jsonl_rows(path):
         if "mode" not in row:
-            raise SystemExit(f"{path}:{n}: row has no 'mode' field (written before --modes existed)")
+            raise UserError(f"{path}:{n}: row has no 'mode' field (written before --modes existed)")
         if (label is None or row.get("label") == label) and (date is None or row.get("date") == date):
             rows.append(row)
     return rows
@@ -77,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.rows.is_file():
         raise SystemExit(f"{args.rows}: no such file")
-    rows = load_rows(args.rows, args.label, args.date)
+    try:
+        rows = load_rows(args.rows, args.label, args.date)
+    except UserError as err:
+        raise SystemExit(str(err)) from None
     if not rows:
         raise SystemExit(f"{args.rows}: no rows match label={args.label!r} date={args.date!r}")
     print(render(rows), end="")

@@ -175,21 +175,26 @@ def split_long(text: str, limit: int = DOC_CHARS) -> Iterator[str]:
         yield text
 
 
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, parsed row) for each non-blank line of a JSON-lines file, compressed or not."""
+    with _open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+
+
 def read_file(path: Path, text_field: str) -> Iterator[str]:
     base, _ = _base_suffix(path)
     if base in TEXT_SUFFIXES:
         with _open_text(path) as f:
             yield from split_long(f.read())
     elif base in JSONL_SUFFIXES:
-        with _open_text(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-                yield from split_long(_text_of(row, text_field, f"{path}:{line_no}"))
+        for line_no, row in jsonl_rows(path):
+            yield from split_long(_text_of(row, text_field, f"{path}:{line_no}"))
     elif base in PARQUET_SUFFIXES:
         try:
             import pyarrow.parquet as pq
