@@ -19,7 +19,7 @@ MFU = FLOPs/token x tokens/s / peak bf16 dense FLOP/s of the device.
 
 Each --gdn-backends entry (kernels.gdn.GDN_BACKENDS; "torch" = the pure-torch chunked GDN, "auto" =
 what `hybrid convert` runs) measures both stages with that GDN path set on the student explicitly, once
-per --modes entry: 'plain' (every mixer of Stage 1 in turn, every op eager, every kernel launched) or
+per --modes entry: 'auto' (what `hybrid convert` runs here), 'plain' (every mixer of Stage 1 in turn, every op eager, every kernel launched) or
 switches joined by '+': stack (Stage 1's mixers as one batched computation), compile (norms, MLPs and
 the GDN chain compiled), graph (each optimiser step replayed from a CUDA graph after the warm-up steps).
 --baseline adds plain fine-tuning of the teacher architecture (next-token cross-entropy, all
@@ -156,21 +156,30 @@ MODE_SWITCHES = ("stack", "compile", "graph")
 
 
 def parse_mode(text: str):
-    """'plain' or e.g. 'stack+compile+graph' -> the ParallelConfig that runs it."""
+    """'auto' (the defaults `hybrid convert` runs), 'plain' or e.g. 'stack+compile+graph' -> the ParallelConfig
+    that runs it."""
     from distill.distributed import ParallelConfig
 
+    if text == "auto":
+        return ParallelConfig()
     switches = [] if text == "plain" else text.split("+")
     unknown = set(switches) - set(MODE_SWITCHES)
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown switch {sorted(unknown)} in mode {text!r}; "
-                                         f"use 'plain' or '+'-joined {sorted(MODE_SWITCHES)}")
-    return ParallelConfig(stack_mixers="on" if "stack" in switches else "off", compile="compile" in switches,
-                          cuda_graph="graph" in switches)
+                                         f"use 'auto', 'plain' or '+'-joined {sorted(MODE_SWITCHES)}")
+
+    def on(switch: str) -> str:
+        return "on" if switch in switches else "off"
+
+    return ParallelConfig(stack_mixers=on("stack"), compile=on("compile"), cuda_graph=on("graph"))
 
 
-def mode_name(parallel) -> str:
-    switches = {"stack": parallel.stack_mixers == "on", "compile": parallel.compile, "graph": parallel.cuda_graph}
-    return "+".join(name for name in MODE_SWITCHES if switches[name]) or "plain"
+def mode_name(rt) -> str:
+    """The switches that are on for runtime `rt` ('auto' named by what it turns on on this machine)."""
+    from distill.stages import stacks_mixers
+
+    on = {"stack": stacks_mixers(rt), "compile": rt.uses("compile"), "graph": rt.uses("cuda_graph")}
+    return "+".join(name for name in MODE_SWITCHES if on[name]) or "plain"
 
 
 def profile_one_step(run, out: Path, title: str) -> None:
@@ -200,10 +209,10 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.25, help="softmax layers in Stage 2 (uniform placement)")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     p.add_argument("--gdn-backends", nargs="+", default=["auto"], help="GDN paths to measure (kernels.gdn.GDN_BACKENDS)")
-    p.add_argument("--modes", nargs="+", type=parse_mode, default=[parse_mode("stack")], metavar="MODE",
+    p.add_argument("--modes", nargs="+", type=parse_mode, default=[parse_mode("auto")], metavar="MODE",
                    help="how the step runs, one measurement each: 'plain' or '+'-joined switches of "
-                   f"{sorted(MODE_SWITCHES)} (e.g. plain stack stack+compile+graph; default: stack, what "
-                   "`hybrid convert` runs on CUDA). Stage 2 and the baseline run once per compile/graph combination")
+                   f"{sorted(MODE_SWITCHES)} (e.g. plain stack stack+compile+graph), or 'auto' (the default): what "
+                   "`hybrid convert` runs on this machine, stack+compile+graph on one GPU. Stage 2 and the baseline run once per compile/graph combination")
     p.add_argument("--baseline", action="store_true", help="also time plain fine-tuning of the teacher")
     p.add_argument("--profile-dir", type=Path, help="profile one step per stage of the last backend into this dir")
     p.add_argument("--label", default="", help="a free-text label stored with each row")
@@ -255,7 +264,7 @@ def main() -> None:
 
     def row(what: str, log: list[dict], micro: int, flops: float, seconds: float, backend: str | None,
             rt) -> dict:
-        compiled, graphed = rt.parallel.compile, rt.parallel.cuda_graph
+        compiled, graphed = rt.uses("compile"), rt.uses("cuda_graph")
         stacked = stacks_mixers(rt) if what == "stage1" else None
         timed = log[warmup_of(rt) :]
         per_step = micro * args.seq * runtime.world
@@ -266,7 +275,7 @@ def main() -> None:
             "softmax_layers": softmax if what == "stage2" else None, "timed_steps": len(timed), "tok_per_s": round(tok_s),
             "model_gflop_per_token": round(flops / 1e9, 3), "mfu": round(flops * tok_s / peak, 4) if peak else None,
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "mode": mode_name(rt.parallel), "stack_mixers": stacked, "compile": compiled, "cuda_graph": graphed,
+            "mode": mode_name(rt), "stack_mixers": stacked, "compile": compiled, "cuda_graph": graphed,
             "replayed_steps": sum(bool(r.get("replayed")) for r in timed),
             "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
             "losses": [round(r["loss"], 5) for r in log],
@@ -288,10 +297,10 @@ def main() -> None:
 
     def warmup_of(rt) -> int:
         """Untimed steps: --warmup, and with a CUDA graph also the eager steps before capture and the capture."""
-        return max(args.warmup, GRAPH_WARMUP) if rt.parallel.cuda_graph else args.warmup
+        return max(args.warmup, GRAPH_WARMUP) if rt.uses("cuda_graph") else args.warmup
 
     def measure_stages(backend: str, rt, stages: list[int], profile: Path | None) -> None:
-        tag = f"GDN {backend}, mode {mode_name(rt.parallel)}"
+        tag = f"GDN {backend}, mode {mode_name(rt)}"
         student = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * L).to(runtime.device)
         set_gdn_backend(student, backend)
         s1, s2 = stage_configs(args.steps + warmup_of(rt))

@@ -22,19 +22,37 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from distill.errors import UserError
+
+
+SWITCH_VALUES = ("auto", "on", "off")
+_SWITCH_SYNONYMS = {"true": "on", "1": "on", "false": "off", "0": "off"}
+
 
 @dataclass(frozen=True)
 class ParallelConfig:
     """How training runs on the machine (`--set parallel.FIELD=VALUE`). None of it changes what is
     computed, only where and at what memory cost, so it is not part of a run's identity: a rerun may
-    change it and still continue the run."""
+    change it and still continue the run.
+
+    The three speed switches are auto|on|off (true/false are read as on/off). "auto" turns a switch on for
+    one CUDA process without activation checkpointing, where each was measured to pay
+    (bench/results/train_throughput.md: together 3.5x Stage 1 and 2.5x Stage 2 on an H200), and off
+    elsewhere (`Runtime.uses`)."""
 
     activation_checkpointing: bool = False  # recompute each decoder layer (Stage 1: each mixer) in backward
-    compile: bool = False  # torch.compile the elementwise work (distill.model.compiled): less GPU time and memory,
-    # more host time per step; see bench/results/train_throughput.md ("torch.compile") for when it pays
-    cuda_graph: bool = False  # replay each optimiser step from a CUDA graph (distill.cuda_graph); one CUDA process
-    stack_mixers: str = "auto"  # Stage 1 runs every mixer in one batched computation (distill.stages.stacks_mixers):
-    # "auto" on CUDA (fewer kernel launches), "on", "off"; one process without activation checkpointing only
+    compile: str = "auto"  # torch.compile the elementwise work (distill.model.compiled): less GPU time and memory
+    cuda_graph: str = "auto"  # replay each optimiser step from a CUDA graph (distill.cuda_graph); one CUDA process
+    stack_mixers: str = "auto"  # Stage 1 runs every mixer in one batched computation (distill.stages.stacks_mixers);
+    # one process without activation checkpointing only; slower on a CPU
+
+    def __post_init__(self):
+        for name in ("compile", "cuda_graph", "stack_mixers"):
+            raw = getattr(self, name)
+            value = _SWITCH_SYNONYMS.get(str(raw).lower(), str(raw).lower())
+            if value not in SWITCH_VALUES:
+                raise UserError(f"parallel.{name} must be one of {', '.join(SWITCH_VALUES)} (or true/false), got {raw!r}")
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,13 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def uses(self, switch: str) -> bool:
+        """Whether the parallel switch `switch` ("compile", "cuda_graph" or "stack_mixers") is on for this run."""
+        value = getattr(self.parallel, switch)
+        if value == "auto":
+            return self.device.type == "cuda" and self.world == 1 and not self.parallel.activation_checkpointing
+        return value == "on"
 
     def barrier(self) -> None:
         if self.world > 1:

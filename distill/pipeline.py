@@ -32,6 +32,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from distill.atomic_io import atomic_directory, check_output_dir, write_json_atomic
+from distill.cuda_graph import WARMUP as GRAPH_WARMUP
 from distill.data import DataSpec, PackedData, prepare_data, resolve_sources
 from distill.distributed import Runtime
 from distill.errors import UserError
@@ -217,7 +218,9 @@ def log_gdn_path(runtime: Runtime) -> str:
     path = describe_gdn_backend(resolve_gdn_backend("auto", runtime.device, runtime.amp_dtype or torch.float32))
     log.info("GDN chunk path (training and prefill): %s", path)
     log.info("elementwise work (norms, MLPs, the GDN conv/gate chain): %s",
-             "compiled (torch.compile)" if runtime.parallel.compile else "eager (parallel.compile=true compiles it)")
+             "compiled (torch.compile)" if runtime.uses("compile") else "eager (parallel.compile=on compiles it)")
+    log.info("optimiser steps: %s", f"replayed from a CUDA graph after {GRAPH_WARMUP} eager ones" if runtime.uses("cuda_graph")
+             else "launched op by op (parallel.cuda_graph=on replays them from a CUDA graph, on one CUDA process)")
     log.info("Stage 1 mixers: %s", describe_stage1_mixers(runtime))
     return path
 

@@ -99,10 +99,11 @@ def _paper() -> Preset:
 
 PRESETS = {"demo": _demo, "small": _small, "paper": _paper}
 
-# Training tokens/s measured for SmolLM2-135M at 8 x 2048 tokens per micro-batch on the default GDN path
-# (bench/results/train_throughput.md, 2026-12-05). Only an H200 could be had that day; an H100 runs the
-# same kernels somewhat slower. GA-S2 candidates are Stage-2 runs; Stage 3 is plain fine-tuning.
-MEASURED_TOK_S = {"stage1": 56_354.0, "stage2": 39_652.0, "stage3": 124_220.0}
+# Training tokens/s measured for SmolLM2-135M at 8 x 2048 tokens per micro-batch on one GPU's defaults: the
+# fla-torch-dqkwg GDN path, Stage 1 stacked, compiled, each step replayed from a CUDA graph
+# (bench/results/train_throughput.md, 2026-12-06, one H200). GA-S2 candidates are Stage-2 runs (their first
+# steps run eager and compile, so short candidates run slower than this); Stage 3 is plain fine-tuning.
+MEASURED_TOK_S = {"stage1": 160_660.0, "stage2": 104_569.0, "stage3": 146_832.0}
 MEASURED_ON = "one H200, SmolLM2-135M, 8 x 2048 tokens per micro-batch, bench/results/train_throughput.md"
 
 

@@ -75,7 +75,7 @@ class WholeModel:
     def __init__(self, model: nn.Module, loss_fn: LossFn, units: list[nn.Module], runtime: Runtime):
         self.module, self.loss_fn, self.runtime = model, loss_fn, runtime
         self.close = checkpoint_activations(units if runtime.parallel.activation_checkpointing else [])
-        set_compiled(model, runtime.parallel.compile)
+        set_compiled(model, runtime.uses("compile"))
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
         return self.loss_fn(self.module, batch)
@@ -127,7 +127,7 @@ class ShardedModel:
         frozen = {p for p in self.module.parameters() if not p.requires_grad}
         shard = functools.partial(fully_shard, mesh=mesh, mp_policy=mixed_precision(runtime), ignored_params=frozen)
         copied_units = [copies[module_names[id(unit)]] for unit in units]
-        set_compiled(self.module.model, runtime.parallel.compile)
+        set_compiled(self.module.model, runtime.uses("compile"))
         if runtime.parallel.activation_checkpointing:
             checkpoint_activations(copied_units)  # for the copy's lifetime: nothing else runs it
         for unit in copied_units:

@@ -28,7 +28,6 @@ from torch import nn
 
 from distill.data import BlockOrder, PackedData, batch_for_step
 from distill.distributed import Runtime
-from distill.errors import UserError
 from distill.evaluate import EvalSet, heldout_kl, kl_from_hidden
 from distill.model.compiled import set_compiled
 from distill.model.config import LINEAR_ATTENTION
@@ -118,20 +117,13 @@ def heldout_alignment(teacher: nn.Module, student: HybridForCausalLM, eval_set: 
 # ---------------------------------------------------------------------------------------------
 
 
-STACK_MIXERS = ("auto", "on", "off")
-
-
 def stacks_mixers(runtime: Runtime) -> bool:
     """Whether Stage 1 runs its mixers stacked, as one batched computation: the same loss with a fraction of
     the kernel launches, which is what a GPU step is bound by. "auto" stacks on CUDA only: on a CPU the
     stacked intermediates outgrow the caches and the step took twice as long (SmolLM2 shape, 8 x 512).
     FSDP shards and activation checkpointing work mixer by mixer, so runs with several processes or
     recomputation call each mixer in turn."""
-    parallel = runtime.parallel
-    if parallel.stack_mixers not in STACK_MIXERS:
-        raise UserError(f"parallel.stack_mixers must be one of {', '.join(STACK_MIXERS)}, got {parallel.stack_mixers!r}")
-    wanted = parallel.stack_mixers == "on" or (parallel.stack_mixers == "auto" and runtime.device.type == "cuda")
-    return wanted and runtime.world == 1 and not parallel.activation_checkpointing
+    return runtime.uses("stack_mixers") and runtime.world == 1 and not runtime.parallel.activation_checkpointing
 
 
 def describe_stage1_mixers(runtime: Runtime) -> str:
@@ -171,8 +163,8 @@ def run_stage1(
     if student.config.softmax_layers:
         raise ValueError(f"Stage 1 expects an all-linear student; layers {student.config.softmax_layers} are softmax")
     freeze_all_but_mixers(student)
-    set_compiled(teacher, runtime.parallel.compile)
-    align = compiled(alignment_loss) if runtime.parallel.compile else alignment_loss
+    set_compiled(teacher, runtime.uses("compile"))
+    align = compiled(alignment_loss) if runtime.uses("compile") else alignment_loss
     order = BlockOrder(len(data.train), cfg.seed)
     accum = cfg.grad_accum(runtime.world)
 
@@ -250,7 +242,7 @@ def run_stage2(
         if layer.layer_type == LINEAR_ATTENTION:
             layer.linear_attn.conv1d.weight.requires_grad_(student.config.linear_conv_trainable)
     teacher_weight = teacher.lm_head.weight.detach()
-    set_compiled(teacher, runtime.parallel.compile)
+    set_compiled(teacher, runtime.uses("compile"))
     run_teacher = teacher_hidden_fn(teacher)
 
     if get_batch is None:

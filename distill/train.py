@@ -160,7 +160,7 @@ def train(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     accum = cfg.grad_accum(runtime.world)
-    graphed = runtime.parallel.cuda_graph
+    graphed = runtime.uses("cuda_graph")
     if graphed and (runtime.device.type != "cuda" or runtime.world > 1):
         raise UserError("parallel.cuda_graph needs one process on a CUDA device")
     trainee = trainee_for(model, loss_fn, list(units), runtime)

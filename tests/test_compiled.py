@@ -1,16 +1,18 @@
 """The compiled training path (distill.model.compiled) computes what the eager one does.
 
-On the GPU it is `--set parallel.compile=true`; here it runs through inductor's CPU backend,
+On one GPU it is on by default (`parallel.compile=auto`); here (`=on`) it runs through inductor's CPU backend,
 which compiles the same graphs to C++ instead of Triton, so the checks are of the graphs dynamo
 captures and AOTAutograd differentiates: losses and every gradient against eager float32.
 """
+
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from distill.distributed import Runtime
+from distill.distributed import ParallelConfig, Runtime
 from distill.errors import UserError
 from distill.model.compiled import set_compiled
 from distill.model.config import FULL_ATTENTION, LINEAR_ATTENTION
@@ -70,11 +72,20 @@ def test_compiled_teacher_forward_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_compile_is_off_by_default_and_settable():
-    assert not Runtime(device=torch.device("cuda")).parallel.compile
-    assert get_preset("demo", ["parallel.compile=true"]).parallel.compile is True
-    with pytest.raises(UserError, match="expected a bool"):
-        get_preset("demo", ["parallel.compile=yes-please"])
+def test_speed_switches_are_on_for_one_cuda_process_and_settable():
+    """compile and cuda_graph default to "auto": on for one CUDA process (where they were measured to pay),
+    off on the CPU, under torchrun and with activation checkpointing; true/false read as on/off."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for switch in ("compile", "cuda_graph"):
+        assert Runtime(device=cuda).uses(switch)
+        assert not Runtime(device=cpu).uses(switch)
+        assert not Runtime(device=cuda, world=2).uses(switch)
+        assert not Runtime(device=cuda, parallel=ParallelConfig(activation_checkpointing=True)).uses(switch)
+        assert not Runtime(device=cuda, parallel=get_preset("demo", [f"parallel.{switch}=off"]).parallel).uses(switch)
+        assert Runtime(device=cpu, parallel=get_preset("demo", [f"parallel.{switch}=true"]).parallel).uses(switch)
+        assert get_preset("demo", [f"parallel.{switch}=False"]).parallel == replace(ParallelConfig(), **{switch: "off"})
+        with pytest.raises(UserError, match=rf"parallel.{switch} must be one of auto, on, off \(or true/false\), got 'yes-please'"):
+            get_preset("demo", [f"parallel.{switch}=yes-please"])
 
 
 def test_a_deep_copy_of_a_compiled_model_runs_its_own_weights():
@@ -104,7 +115,7 @@ def test_cuda_graph_steps_need_one_cuda_process(tmp_path):
     from distill.train import TrainConfig, train
 
     model = torch.nn.Linear(3, 1)
-    runtime = dataclasses.replace(Runtime(), parallel=ParallelConfig(cuda_graph=True))
+    runtime = dataclasses.replace(Runtime(), parallel=ParallelConfig(cuda_graph="on"))
     with pytest.raises(UserError, match="parallel.cuda_graph needs one process on a CUDA device"):
         train("t", model, [{"params": list(model.parameters()), "lr": 1e-3}], lambda m, b: (m(b).sum(), {}),
               lambda step, micro: torch.randn(2, 3), TrainConfig(steps=1, batch=2, micro_batch=2), tmp_path, runtime)

@@ -31,7 +31,7 @@ def test_a_cuda_graph_on_the_cpu_is_refused_with_the_setting_named(tmp_path):
     def loss_fn(m, batch):
         return m(batch).pow(2).mean(), {}
 
-    runtime = Runtime(parallel=ParallelConfig(cuda_graph=True))
+    runtime = Runtime(parallel=ParallelConfig(cuda_graph="on"))
     groups = [{"params": list(model.parameters()), "lr": 1e-3, "name": "all"}]
     with pytest.raises(UserError, match="parallel.cuda_graph needs one process on a CUDA device"):
         train("t", model, groups, loss_fn, lambda step, micro: torch.randn(2, 4), TrainConfig(steps=2), tmp_path,
@@ -55,7 +55,7 @@ def test_replayed_stage2_steps_train_as_launched_steps(tmp_path: Path):
     logs, weights = {}, {}
     for graphed in (False, True):
         student = copy.deepcopy(start).to(cuda)
-        runtime = Runtime(device=cuda, amp_dtype=torch.bfloat16, parallel=ParallelConfig(cuda_graph=graphed))
+        runtime = Runtime(device=cuda, amp_dtype=torch.bfloat16, parallel=ParallelConfig(cuda_graph="on" if graphed else "off"))
         logs[graphed] = run_stage2(teacher, student, data, cfg, tmp_path / f"graph-{graphed}", runtime)
         weights[graphed] = {n: p.detach().float().cpu() for n, p in student.named_parameters()}
 

@@ -160,7 +160,7 @@ def test_where_stage1_stacks_its_mixers():
     assert stacks("cuda") and not stacks("cpu")  # auto: where launches, not memory traffic, bound the step
     assert stacks("cpu", stack_mixers="on") and not stacks("cuda", stack_mixers="off")
     assert not stacks("cuda", world=2) and not stacks("cuda", activation_checkpointing=True)  # mixer by mixer
-    with pytest.raises(UserError, match="parallel.stack_mixers must be one of auto, on, off, got 'yes'"):
+    with pytest.raises(UserError, match=r"parallel.stack_mixers must be one of auto, on, off \(or true/false\), got 'yes'"):
         stacks(stack_mixers="yes")
     assert "faster on a CPU" in describe_stage1_mixers(Runtime())  # the run's log says why
     assert describe_stage1_mixers(Runtime(device=torch.device("cuda"))).startswith("stacked")
