@@ -211,17 +211,27 @@ class Session:
 # ---------------------------------------------------------------------------------------------
 
 
+def describe_training_step(runtime: Runtime) -> dict[str, str]:
+    """How a training step runs here, beyond the GDN path: one line per speed switch, with how to flip it."""
+    return {
+        "elementwise work (norms, MLPs, the GDN conv/gate chain)":
+            "compiled (torch.compile)" if runtime.uses("compile") else "eager (parallel.compile=on compiles it)",
+        "optimiser steps":
+            f"replayed from a CUDA graph after {GRAPH_WARMUP} eager ones" if runtime.uses("cuda_graph")
+            else "launched op by op (parallel.cuda_graph=on replays them from a CUDA graph, on one CUDA process)",
+        "Stage 1 mixers": describe_stage1_mixers(runtime),
+    }
+
+
 def log_gdn_path(runtime: Runtime) -> str:
-    """Log (and return) which GDN chunk implementation every stage's mixers run on this machine."""
+    """Log (and return) which GDN chunk implementation every stage's mixers run on this machine, and how the
+    rest of the step runs."""
     from kernels.gdn import describe_gdn_backend, resolve_gdn_backend
 
     path = describe_gdn_backend(resolve_gdn_backend("auto", runtime.device, runtime.amp_dtype or torch.float32))
     log.info("GDN chunk path (training and prefill): %s", path)
-    log.info("elementwise work (norms, MLPs, the GDN conv/gate chain): %s",
-             "compiled (torch.compile)" if runtime.uses("compile") else "eager (parallel.compile=on compiles it)")
-    log.info("optimiser steps: %s", f"replayed from a CUDA graph after {GRAPH_WARMUP} eager ones" if runtime.uses("cuda_graph")
-             else "launched op by op (parallel.cuda_graph=on replays them from a CUDA graph, on one CUDA process)")
-    log.info("Stage 1 mixers: %s", describe_stage1_mixers(runtime))
+    for what, how in describe_training_step(runtime).items():
+        log.info("%s: %s", what, how)
     return path
 
 

@@ -88,6 +88,23 @@ def test_speed_switches_are_on_for_one_cuda_process_and_settable():
             get_preset("demo", [f"parallel.{switch}=yes-please"])
 
 
+def test_the_run_log_says_how_each_step_runs(caplog):
+    """`hybrid convert` logs the GDN path and each speed switch's state, and how to flip the ones that are off."""
+    from distill.cuda_graph import WARMUP
+    from distill.pipeline import describe_training_step, log_gdn_path
+
+    on_gpu = describe_training_step(Runtime(device=torch.device("cuda")))
+    assert list(on_gpu.values()) == ["compiled (torch.compile)", f"replayed from a CUDA graph after {WARMUP} eager ones",
+                                     "stacked, one batched computation"]
+    with caplog.at_level("INFO", logger="distill.pipeline"):
+        log_gdn_path(Runtime())
+    text = caplog.text
+    assert "GDN chunk path (training and prefill): torch" in text
+    assert "elementwise work (norms, MLPs, the GDN conv/gate chain): eager (parallel.compile=on compiles it)" in text
+    assert "optimiser steps: launched op by op (parallel.cuda_graph=on replays" in text
+    assert "Stage 1 mixers: one after another (faster on a CPU" in text
+
+
 def test_a_deep_copy_of_a_compiled_model_runs_its_own_weights():
     """Stage 2 deep-copies the model it shards, selection each candidate: a copy must not call the original."""
     import copy
