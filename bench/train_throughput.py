@@ -19,9 +19,10 @@ MFU = FLOPs/token x tokens/s / peak bf16 dense FLOP/s of the device.
 
 Each --gdn-backends entry (kernels.gdn.GDN_BACKENDS; "torch" = the pure-torch chunked GDN, "auto" =
 what `hybrid convert` runs) measures both stages with that GDN path set on the student explicitly, once
-per --modes entry: 'auto' (what `hybrid convert` runs here), 'plain' (every mixer of Stage 1 in turn, every op eager, every kernel launched) or
-switches joined by '+': stack (Stage 1's mixers as one batched computation), compile (norms, MLPs and
-the GDN chain compiled), graph (each optimiser step replayed from a CUDA graph after the warm-up steps).
+per --modes entry: 'auto' (what `hybrid convert` runs here), 'plain' (every mixer of Stage 1 in turn,
+every op eager, every kernel launched) or switches joined by '+': stack (Stage 1's mixers as one batched
+computation), compile (norms, MLPs and the GDN chain compiled), graph (each optimiser step replayed from a
+CUDA graph after the warm-up steps).
 --baseline adds plain fine-tuning of the teacher architecture (next-token cross-entropy, all
 parameters, the same AdamW, clipping and bf16 autocast as our loop) in the same process.
 """
@@ -212,7 +213,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", type=parse_mode, default=[parse_mode("auto")], metavar="MODE",
                    help="how the step runs, one measurement each: 'plain' or '+'-joined switches of "
                    f"{sorted(MODE_SWITCHES)} (e.g. plain stack stack+compile+graph), or 'auto' (the default): what "
-                   "`hybrid convert` runs on this machine, stack+compile+graph on one GPU. Stage 2 and the baseline run once per compile/graph combination")
+                   "`hybrid convert` runs on this machine, stack+compile+graph on one GPU. Stage 2 and the baseline "
+                   "run once per compile/graph combination")
     p.add_argument("--baseline", action="store_true", help="also time plain fine-tuning of the teacher")
     p.add_argument("--profile-dir", type=Path, help="profile one step per stage of the last backend into this dir")
     p.add_argument("--label", default="", help="a free-text label stored with each row")

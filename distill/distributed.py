@@ -51,7 +51,8 @@ class ParallelConfig:
             raw = getattr(self, name)
             value = _SWITCH_SYNONYMS.get(str(raw).lower(), str(raw).lower())
             if value not in SWITCH_VALUES:
-                raise UserError(f"parallel.{name} must be one of {', '.join(SWITCH_VALUES)} (or true/false), got {raw!r}")
+                raise UserError(f"parallel.{name} must be one of {', '.join(SWITCH_VALUES)} (or true/false), "
+                                f"got {raw!r}")
             object.__setattr__(self, name, value)
 
 

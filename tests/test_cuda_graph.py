@@ -55,7 +55,8 @@ def test_replayed_stage2_steps_train_as_launched_steps(tmp_path: Path):
     logs, weights = {}, {}
     for graphed in (False, True):
         student = copy.deepcopy(start).to(cuda)
-        runtime = Runtime(device=cuda, amp_dtype=torch.bfloat16, parallel=ParallelConfig(cuda_graph="on" if graphed else "off"))
+        parallel = ParallelConfig(cuda_graph="on" if graphed else "off")
+        runtime = Runtime(device=cuda, amp_dtype=torch.bfloat16, parallel=parallel)
         logs[graphed] = run_stage2(teacher, student, data, cfg, tmp_path / f"graph-{graphed}", runtime)
         weights[graphed] = {n: p.detach().float().cpu() for n, p in student.named_parameters()}
 
