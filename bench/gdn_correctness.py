@@ -1,6 +1,7 @@
 """GPU proof of the GDN chunk paths: outputs and gradients against a float64 reference, plus decode.
 
     python bench/gdn_correctness.py --out-dir $OUT          # on a CUDA machine with fla installed
+    python bench/gdn_correctness.py --report-only --merge A.json B.json --out-dir DIR   # one report, any machine
 
 For every case (head layout, T, batch/padding, initial state or not) and every backend, the backend runs
 on bf16 q, k, v, beta (fp32 g, fp32 initial state), as training does under autocast; the reference is
@@ -295,9 +296,9 @@ def write_markdown(path: Path, result: dict) -> None:
         f"- device: {result['device']}",
         f"- software: {result['software']}",
         f"- command: `{result['command']}`",
-        *[f"- rows merged from an earlier run: `{e['command']}` on {e['device']}, {e['date']}" for e in result.get("earlier_runs", [])],
+        *[f"- rows merged from another run: `{e['command']}` on {e['device']}, {e['date']}" for e in result.get("earlier_runs", [])],
         f"- tolerance: relative error ||x - ref|| / ||ref|| <= {TOLERANCE} for every tensor (bf16 q, k, v, beta, do;"
-        " fp32 g, initial state, dS), or RMS error <= {ABS_TOLERANCE:g} where the true tensor is ~0 (marked †);"
+        f" fp32 g, initial state, dS), or RMS error <= {ABS_TOLERANCE:g} where the true tensor is ~0 (marked †);"
         " reference = float64 recurrence on the same rounded inputs",
         f"- float64 chunked reference vs float64 token loop (T=1000, 12 x 128, padded, h0): {_fmt(result['reference_self_check'])}",
         "",
@@ -337,6 +338,22 @@ def write_markdown(path: Path, result: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_merged_report(paths: list[Path], out_dir: Path) -> None:
+    """Several runs' cases in one report, e.g. layouts measured in separate device calls."""
+    if not paths:
+        raise SystemExit("--report-only needs the runs to merge: --merge A.json [B.json ...]")
+    first, *rest = [json.loads(path.read_text()) for path in paths]
+    result = dict(first, backends=list(dict.fromkeys(b for r in (first, *rest) for b in r["backends"])))
+    for run in rest:
+        result["cases"] = result["cases"] + run["cases"]
+        result["speed"] = result["speed"] + run.get("speed", [])
+        result["earlier_runs"] = (result.get("earlier_runs", []) + run.get("earlier_runs", [])
+                                  + [{k: run[k] for k in ("date", "device", "software", "command")}])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gdn_correctness.json").write_text(json.dumps(result, indent=1))
+    write_markdown(out_dir / "gdn_correctness.md", result)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
@@ -347,7 +364,12 @@ def main() -> None:
     p.add_argument("--skip-side-checks", action="store_true", help="only the case table (and speed)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier gdn_correctness.json files to include")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: one report from the --merge files (the first one's header and side checks)")
     args = p.parse_args()
+    if args.report_only:
+        write_merged_report(args.merge, args.out_dir)
+        return
     device = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     result = {

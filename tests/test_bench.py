@@ -414,6 +414,20 @@ def test_decode_report_renders(tmp_path):
     assert (tmp_path / "x_report.md").exists() and (tmp_path / "x_throughput.png").stat().st_size > 1000
 
 
+def test_gdn_correctness_report_merges_runs_from_separate_device_calls(tmp_path):
+    """The committed GPU runs (bench/results/gdn_correctness_run*.json) merge into one report on any machine:
+    every case of every run is a row, every run is named with its command."""
+    runs = [REPO / "bench/results/gdn_correctness_run2.json", REPO / "bench/results/gdn_correctness_run3.json"]
+    subprocess.run([sys.executable, str(REPO / "bench/gdn_correctness.py"), "--report-only", "--merge", *map(str, runs),
+                    "--out-dir", str(tmp_path)], check=True, capture_output=True, text=True)
+    merged = json.loads((tmp_path / "gdn_correctness.json").read_text())
+    cases = [c for run in runs for c in json.loads(run.read_text())["cases"]]
+    assert len(merged["cases"]) == len(cases)
+    text = (tmp_path / "gdn_correctness.md").read_text()
+    assert text.count("| fla-torch-dqkwg |") == sum(c["backend"] == "fla-torch-dqkwg" for c in cases)
+    assert "--layouts smollm2 --lengths 8192" in text and "smollm2 8192" in text and "qwen2.5-1.5b 2048 padded" in text
+
+
 def test_compare_report_renders_and_cli_rerenders(tmp_path):
     from bench.report import render_compare_report
     from distill.cli import main
