@@ -297,6 +297,7 @@ def write_markdown(path: Path, result: dict) -> None:
         f"- software: {result['software']}",
         f"- command: `{result['command']}`",
         *[f"- rows merged from another run: `{e['command']}` on {e['device']}, {e['date']}" for e in result.get("earlier_runs", [])],
+        *([f"- this report: `{result['report_command']}`"] if "report_command" in result else []),
         f"- tolerance: relative error ||x - ref|| / ||ref|| <= {TOLERANCE} for every tensor (bf16 q, k, v, beta, do;"
         f" fp32 g, initial state, dS), or RMS error <= {ABS_TOLERANCE:g} where the true tensor is ~0 (marked †);"
         " reference = float64 recurrence on the same rounded inputs",
@@ -333,8 +334,10 @@ def write_markdown(path: Path, result: dict) -> None:
               "| prefill GDN path | max rel logit diff | argmax agreement |", "|---|---:|---:|"]
     lines += [f"| {k} | {v['max_rel_diff']:.2e} | {v['argmax_agreement']:.0%} |" if isinstance(v, dict) and 'max_rel_diff' in v else f"| {k} | {v} | |"
               for k, v in result["static_cache"].items()]
-    lines += ["", "## Speed: one layer's GDN forward + backward (bf16)", "", "| layout | B x T | backend | ms |", "|---|---|---|---:|"]
-    lines += [f"| {r['layout']} | {r['B']} x {r['T']} | {r['backend']} | {r['fwd_bwd_ms']} |" for r in result["speed"]]
+    if result["speed"]:
+        lines += ["", "## Speed: one layer's GDN forward + backward (bf16)", "", "| layout | B x T | backend | ms |",
+                  "|---|---|---|---:|"]
+        lines += [f"| {r['layout']} | {r['B']} x {r['T']} | {r['backend']} | {r['fwd_bwd_ms']} |" for r in result["speed"]]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -343,7 +346,8 @@ def write_merged_report(paths: list[Path], out_dir: Path) -> None:
     if not paths:
         raise SystemExit("--report-only needs the runs to merge: --merge A.json [B.json ...]")
     first, *rest = [json.loads(path.read_text()) for path in paths]
-    result = dict(first, backends=list(dict.fromkeys(b for r in (first, *rest) for b in r["backends"])))
+    result = dict(first, backends=list(dict.fromkeys(b for r in (first, *rest) for b in r["backends"])),
+                  report_command="python bench/gdn_correctness.py --report-only --merge " + " ".join(map(str, paths)))
     for run in rest:
         result["cases"] = result["cases"] + run["cases"]
         result["speed"] = result["speed"] + run.get("speed", [])
