@@ -10,7 +10,8 @@
 Documents are the unit: a jsonl line or parquet row is one document, a text file is split into
 documents of at most DOC_CHARS characters at paragraph breaks. Each document is tokenised without
 special tokens and followed by EOS; the stream is cut into blocks of `seq_len` tokens (the tail that
-does not fill a block is dropped).
+does not fill a block is dropped). `min_doc_tokens` keeps only documents at least that long in the
+training blocks, so a long block holds long-range dependencies instead of several unrelated texts.
 
 The held-out split is fixed by content, not by position: documents are ordered by a hash of their
 text and the first ones, until they hold `eval_tokens` tokens, are held out and packed into
@@ -67,6 +68,9 @@ class DataSpec:
     eval_tokens: int = 2048  # held-out tokens (the same documents whatever seq_len is)
     max_tokens: int | None = None  # stop reading after this many tokens (needed for streamed datasets)
     text_field: str = "text"
+    # training blocks come only from documents at least this long (EOS included); 0 keeps every document.
+    # Held-out documents are chosen before this filter, so the held-out text is the same either way.
+    min_doc_tokens: int = 0
 
 
 def _base_suffix(path: Path) -> tuple[str, str | None]:
@@ -276,6 +280,8 @@ def cache_key(spec: DataSpec, sources: list[Source], fingerprint: str) -> str:
         "text_field": spec.text_field,
         "doc_chars": DOC_CHARS,
     }
+    if spec.min_doc_tokens:  # only when set, so caches written before this setting existed stay valid
+        payload["min_doc_tokens"] = spec.min_doc_tokens
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -332,8 +338,11 @@ def pack(docs: list[np.ndarray], seq_len: int) -> np.ndarray:
     return stream[: n * seq_len].reshape(n, seq_len)
 
 
-def split_and_pack(tokenized: list[tuple[bytes, np.ndarray]], seq_len: int, eval_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out the documents with the smallest content hashes until they hold `eval_tokens` tokens."""
+def split_and_pack(
+    tokenized: list[tuple[bytes, np.ndarray]], seq_len: int, eval_tokens: int, min_doc_tokens: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out the documents with the smallest content hashes until they hold `eval_tokens` tokens; pack the
+    others that hold at least `min_doc_tokens` tokens into training blocks."""
     order = sorted(range(len(tokenized)), key=lambda i: tokenized[i][0])
     held_out: set[int] = set()
     tokens = 0
@@ -343,7 +352,8 @@ def split_and_pack(tokenized: list[tuple[bytes, np.ndarray]], seq_len: int, eval
         held_out.add(i)
         tokens += len(tokenized[i][1])
     eval_ = pack([tokenized[i][1] for i in sorted(held_out)], seq_len)[: max(eval_tokens // seq_len, 1)]
-    train = pack([doc for i, (_, doc) in enumerate(tokenized) if i not in held_out], seq_len)
+    train = pack([doc for i, (_, doc) in enumerate(tokenized) if i not in held_out and len(doc) >= min_doc_tokens],
+                 seq_len)
     return train, eval_
 
 
@@ -386,6 +396,8 @@ def prepare_data(spec: DataSpec, tokenizer, cache_dir: Path | None = None) -> Pa
         raise UserError(f"seq_len must be at least 2, got {spec.seq_len}")
     if spec.eval_tokens < spec.seq_len:
         raise UserError(f"eval_tokens ({spec.eval_tokens}) must be at least one block of seq_len {spec.seq_len}")
+    if spec.min_doc_tokens < 0:
+        raise UserError(f"min_doc_tokens must be 0 (every document) or more, got {spec.min_doc_tokens}")
     sources = resolve_sources(tuple(spec.sources))
     fingerprint = tokenizer_fingerprint(tokenizer)
     if sources[0].kind == "prepared":
@@ -406,12 +418,15 @@ def prepare_data(spec: DataSpec, tokenizer, cache_dir: Path | None = None) -> Pa
             f"--data {names}: {len(tokenized)} documents, {total} tokens after tokenisation; need at least "
             f"{need} ({eval_blocks} held-out blocks + 1 training block of {spec.seq_len} tokens)"
         )
-    train, eval_ = split_and_pack(tokenized, spec.seq_len, spec.eval_tokens)
+    train, eval_ = split_and_pack(tokenized, spec.seq_len, spec.eval_tokens, spec.min_doc_tokens)
     if len(train) == 0 or len(eval_) < eval_blocks:
+        longest = max(len(doc) for _, doc in tokenized)
+        only_long = (f" from documents of at least {spec.min_doc_tokens} tokens (min_doc_tokens; the longest has "
+                     f"{longest})" if spec.min_doc_tokens else "")
         raise UserError(
-            f"--data {names}: {total} tokens in {len(tokenized)} documents give {len(train)} training and "
-            f"{len(eval_)} held-out blocks of {spec.seq_len} tokens; need at least 1 and {eval_blocks} "
-            "(add more text, or lower the sequence length or the held-out size)"
+            f"--data {names}: {total} tokens in {len(tokenized)} documents give {len(train)} training blocks"
+            f"{only_long} and {len(eval_)} held-out blocks of {spec.seq_len} tokens; need at least 1 and "
+            f"{eval_blocks} (add more text, or lower the sequence length, the held-out size or min_doc_tokens)"
         )
     meta = {
         "format_version": FORMAT_VERSION,
@@ -420,6 +435,7 @@ def prepare_data(spec: DataSpec, tokenizer, cache_dir: Path | None = None) -> Pa
         "documents": len(tokenized),
         "tokens": total,
         "seq_len": spec.seq_len,
+        "min_doc_tokens": spec.min_doc_tokens,
         "train_blocks": int(len(train)),
         "eval_blocks": int(len(eval_)),
     }
@@ -441,6 +457,10 @@ def load_prepared(path: Path, tokenizer, spec: DataSpec | None = None) -> Packed
         )
     if spec is not None and meta["seq_len"] != spec.seq_len:
         raise UserError(f"data {path} is packed in blocks of {meta['seq_len']} tokens, but seq_len {spec.seq_len} was asked for")
+    packed_from = meta.get("min_doc_tokens", 0)
+    if spec is not None and packed_from != spec.min_doc_tokens:
+        raise UserError(f"data {path} packs training blocks from documents of at least {packed_from} tokens, but "
+                        f"min_doc_tokens {spec.min_doc_tokens} was asked for; pass the raw text instead")
     train = np.load(path / "train.npy", mmap_mode="r")
     eval_ = np.load(path / "eval.npy", mmap_mode="r")
     for name, arr in (("train", train), ("eval", eval_)):

@@ -98,7 +98,7 @@ class Session:
     runtime: Runtime
     teacher: nn.Module | None  # None only for a Stage-3 run without a teacher
     tokenizer: PreTrainedTokenizerBase
-    _data: dict[int, PackedData] = field(default_factory=dict)
+    _data: dict[tuple[int, int], PackedData] = field(default_factory=dict)  # (seq_len, min_doc_tokens)
     _eval: dict[int, EvalSet] = field(default_factory=dict)
     stage0: HybridForCausalLM | None = None  # kept in memory after building it, for the Stage-0 KL
 
@@ -128,6 +128,8 @@ class Session:
         log_gdn_path(runtime)
         for seq_len in spec.preset.seq_lens:  # all data problems surface here, before any training
             session.data(seq_len)
+        for stage2 in (spec.preset.stage2, spec.preset.score.candidate):
+            session.data(stage2.train.seq_len, stage2.min_doc_tokens)
         if runtime.is_main and not run_file.is_file():
             write_json_atomic(run_file, identity)
         return session
@@ -148,17 +150,19 @@ class Session:
     def work_dir(self) -> Path:
         return self.spec.work_dir
 
-    def data(self, seq_len: int) -> PackedData:
-        if seq_len not in self._data:
+    def data(self, seq_len: int, min_doc_tokens: int = 0) -> PackedData:
+        """The training text in blocks of `seq_len`; the held-out blocks do not depend on `min_doc_tokens`."""
+        key = (seq_len, min_doc_tokens)
+        if key not in self._data:
             sources = resolve_sources(self.spec.data)
             streamed = any(s.kind == "hf" for s in sources)
             spec = DataSpec(self.spec.data, seq_len, self.preset.eval_tokens,
-                            self._tokens_needed() if streamed else None, self.spec.text_field)
+                            self._tokens_needed() if streamed else None, self.spec.text_field, min_doc_tokens)
             if self.runtime.is_main:
                 prepare_data(spec, self.tokenizer)
             self.runtime.barrier()
-            self._data[seq_len] = prepare_data(spec, self.tokenizer)
-        return self._data[seq_len]
+            self._data[key] = prepare_data(spec, self.tokenizer)
+        return self._data[key]
 
     def _tokens_needed(self) -> int:
         p = self.preset
@@ -271,11 +275,12 @@ def step_score(s: Session, stage1: HybridForCausalLM, selector: str) -> Ranking:
     with _timed(s, f"layer selection ({selector})"):
         if selector == "ga-s2":
             cfg = s.preset.score
-            ranking = score_ga_s2(s.teacher, stage1, s.data(cfg.candidate.train.seq_len), cfg, score_dir, s.runtime)
+            data = s.data(cfg.candidate.train.seq_len, cfg.candidate.min_doc_tokens)
+            ranking = score_ga_s2(s.teacher, stage1, data, cfg, score_dir, s.runtime)
         elif selector == "kl-restore":
             cfg = s.preset.score
-            ranking = score_kl_restore(s.teacher, stage1, s.data(cfg.candidate.train.seq_len), cfg, score_dir,
-                                       s.runtime)
+            data = s.data(cfg.candidate.train.seq_len, cfg.candidate.min_doc_tokens)
+            ranking = score_kl_restore(s.teacher, stage1, data, cfg, score_dir, s.runtime)
         elif selector == "ga-s1":
             ranking = score_ga_s1(s.teacher, stage1, s.eval_set(s.preset.stage1.seq_len), s.runtime, s.preset.align_loss)
         elif selector == "ablation":
@@ -299,10 +304,13 @@ def step_stage2(s: Session, stage1: HybridForCausalLM, chosen: list[int], rankin
         hybrid = restore_softmax(stage1, s.teacher, chosen)
         s.kl_once("stage 1 (chosen layers softmax)", lambda: hybrid)
         cfg = s.preset.stage2
-        run_stage2(s.teacher, hybrid, s.data(cfg.train.seq_len), cfg, s.work_dir / "stage2", s.runtime, s.eval_set())
+        run_stage2(s.teacher, hybrid, s.data(cfg.train.seq_len, cfg.min_doc_tokens), cfg, s.work_dir / "stage2",
+                   s.runtime, s.eval_set())
         prov = hybrid.config.provenance
         prov.setdefault("stages", []).append("stage2_distill")
         prov["tokens"]["stage2"] = cfg.train.tokens
+        if cfg.min_doc_tokens:
+            prov["stage2_min_doc_tokens"] = cfg.min_doc_tokens
         prov["selection"] = {"selector": ranking.selector, "order": ranking.order,
                              "scores": {str(k): v for k, v in ranking.scores.items()}, "metric": ranking.metric}
         prov["softmax_layers"] = chosen
@@ -397,7 +405,8 @@ def convert(req: ConvertRequest, runtime: Runtime) -> Path:
                     shutil.copy(work_dir / d / "log.jsonl", tmp / "logs" / f"{d}.jsonl")
             write_report(tmp, ReportInputs(
                 teacher=req.teacher, config=model.config, ranking=ranking, chosen=chosen, preset=preset.name,
-                data=s.data(preset.stage2.train.seq_len).meta, kl=metrics["kl"], logs=logs,
+                data=s.data(preset.stage2.train.seq_len, preset.stage2.min_doc_tokens).meta, kl=metrics["kl"],
+                logs=logs,
                 seconds=dict(metrics["seconds"]),
                 start_eval={"stage 2 distill": metrics["kl"].get("stage 1 (chosen layers softmax)"),
                             "stage 3 finetune": metrics["kl"].get("stage 2")},

@@ -149,7 +149,9 @@ def write_report(out_dir: Path, r: ReportInputs) -> Path:
         f"- softmax layers kept: **{len(r.chosen)} of {L}**: `{r.chosen}` (selector `{r.ranking.selector}`)",
         f"- preset: `{r.preset}`; device: {r.device}; date: {r.date}",
         f"- data: {r.data.get('documents')} documents, {r.data.get('tokens'):,} tokens "
-        f"({r.data.get('train_blocks')} training / {r.data.get('eval_blocks')} held-out blocks of {r.data.get('seq_len')} tokens)",
+        f"({r.data.get('train_blocks')} training / {r.data.get('eval_blocks')} held-out blocks of {r.data.get('seq_len')} tokens"
+        + (f"; training blocks from documents of at least {r.data['min_doc_tokens']} tokens"
+           if r.data.get("min_doc_tokens") else "") + ")",
     ]
     if r.command:
         lines.append(f"- command: `{r.command}`")

@@ -206,6 +206,9 @@ def stage2_param_groups(model: HybridForCausalLM, mixer_lr: float, other_lr: flo
 class Stage2Config:
     train: TrainConfig
     other_lr: float = 7e-6  # LR of everything that is not a token mixer (train.lr is the mixers' LR)
+    # train only on documents at least this many tokens long (distill.data.DataSpec.min_doc_tokens): recall over
+    # thousands of tokens needs training sequences whose dependencies span them; 0 keeps every document
+    min_doc_tokens: int = 0
 
 
 TeacherHiddenFn = Callable[[torch.Tensor], torch.Tensor]

@@ -23,7 +23,7 @@ SETTINGS = [
     "score.candidate.train.seq_len=32", "score.candidate.train.steps=2", "score.candidate.train.lr=0.001",
     "score.eval_batch=2",
     "stage2.train.seq_len=32", "stage2.train.steps=40", "stage2.train.save_every=1", "stage2.train.lr=0.001",
-    "stage2.other_lr=0.0001",
+    "stage2.other_lr=0.0001", "stage2.min_doc_tokens=8",  # every document of the corpus is longer
 ]
 
 
@@ -93,6 +93,7 @@ def test_output_loads_and_report_lists_every_layer(uninterrupted):
         row = f"| {layer} | {score:.5f} | {ranking['order'].index(layer) + 1} | {'yes' if layer in chosen else ''} |"
         assert row in report
     assert f"`{chosen}`" in report
+    assert "training blocks from documents of at least 8 tokens" in report
     for png in ("layer_scores.png", "score_curves.png", "loss_curves.png", "memory.png"):
         assert (out / "plots" / png).stat().st_size > 1000
         assert f"plots/{png}" in report
@@ -172,8 +173,9 @@ def test_stage_subcommands_chain(env, tmp_path, monkeypatch):
     ranking = json.loads((tmp_path / "rank" / "ranking.json").read_text())
     assert ranking["selector"] == "ga-s1" and (tmp_path / "rank" / "layer_scores.png").is_file()
     assert main(["distill", *common, *small, "--stage1", str(tmp_path / "s1"), "--ranking", str(tmp_path / "rank"),
-                 "--k", "1", "--out", str(tmp_path / "s2")]) == 0
+                 "--k", "1", "--set", "stage2.min_doc_tokens=8", "--out", str(tmp_path / "s2")]) == 0
     config = json.loads((tmp_path / "s2" / "config.json").read_text())
+    assert config["provenance"]["stage2_min_doc_tokens"] == 8
     assert [i for i, t in enumerate(config["layer_types"]) if t == "full_attention"] == ranking["order"][:1]
     assert main(["finetune", "--model", str(tmp_path / "s2"), "--data", str(root / "corpus.md"), *small,
                  "--steps", "2", "--out", str(tmp_path / "s3")]) == 0

@@ -85,6 +85,36 @@ def test_held_out_documents_do_not_depend_on_file_order_or_seq_len(tmp_path, tok
     assert held_docs(d1) and held_docs(d1) == held_docs(d2) == held_docs(d3)
 
 
+def test_min_doc_tokens_trains_on_long_documents_only_and_keeps_the_held_out_text(tmp_path, tok, cache):
+    """Random documents of 10 to 120 words: with min_doc_tokens the training blocks hold only the long ones, the
+    held-out blocks are unchanged, and the filtered data is a cache entry of its own."""
+    rng = np.random.default_rng(7)
+    docs = [f"doc{i} " + " ".join(rng.choice(WORDS, size=int(n))) for i, n in enumerate(rng.integers(10, 120, 60))]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    length = {d: len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs}
+    threshold = int(np.median(list(length.values())))
+
+    def trained_docs(data):
+        text = tok.decode(np.asarray(data.train).reshape(-1).tolist())
+        return {d for d in docs if d.split(" ", 1)[0] + " " in text}  # each document starts with its own tag
+
+    every = prepare_data(spec(path, eval_tokens=128), tok, cache)
+    long_only = prepare_data(spec(path, eval_tokens=128, min_doc_tokens=threshold), tok, cache)
+
+    assert np.array_equal(np.asarray(every.eval), np.asarray(long_only.eval))
+    assert long_only.path != every.path and long_only.meta["min_doc_tokens"] == threshold
+    short = {d for d in docs if length[d] < threshold}
+    assert short & trained_docs(every)
+    assert trained_docs(long_only) and not short & trained_docs(long_only)
+    assert len(long_only.train) < len(every.train)
+
+    with pytest.raises(UserError, match="min_doc_tokens.*the longest has"):
+        prepare_data(spec(path, eval_tokens=128, min_doc_tokens=max(length.values()) + 1), tok, cache)
+    with pytest.raises(UserError, match="min_doc_tokens 5 was asked for"):
+        prepare_data(spec(long_only.path, eval_tokens=128, min_doc_tokens=5), tok, cache)
+
+
 def test_every_local_format_and_folders(tmp_path, tok, cache):
     docs = random_docs(12, seed=3)
     folder = tmp_path / "corpus"
