@@ -12,6 +12,12 @@
 #                               (e.g. TAG=4k EXTRA="--set stage2.train.seq_len=4096 ..." -> hybrid-ga-s2-k8-s0-4k)
 #   eval     carry [.whl]       hybrid eval: teacher + every finished hybrid; rankings and metrics to $OUT
 #
+# Stage 2 at 4K for 32.8M tokens (bench/results/quality_h100/stage2_4k_long/: 438 s on an H100 with start-up and
+# evals, so give it LIMIT=540; save_every=100 keeps a cut-off run resumable by the same phase):
+#   HYBRIDS=ga-s2 TAG=4k-long LIMIT=540 EXTRA="--set stage2.train.seq_len=4096 --set stage2.train.batch=8
+#     --set stage2.train.micro_batch=8 --set stage2.train.steps=1000 --set stage2.train.save_every=100
+#     --set stage2.train.eval_every=500"            (add --set stage2.min_doc_tokens=2048 and TAG=4k-longdocs
+#                                                    to train on documents of at least 2,048 tokens only)
 # .device/ holds the SmolLM2 GGUF split with `split -b 40000000` and ../shared/data/en-mix-*.jsonl.xz.
 # Every step is resumable: a phase cut off by the call's limit continues when the same phase runs again.
 # Budgets: Stage 1 300 x 64 x 512 = 9.8M tokens; GA-S2 candidates 8 x 16 x 1024 = 131K tokens each;
@@ -46,7 +52,7 @@ hybrid() {
   if (( t < 30 )); then echo "skipped (time): hybrid $*"; return 0; fi
   local start=$SECONDS
   timeout "$t" python3 -m distill.cli "$@" --teacher smollm2-135m --data "$DATA" \
-    --preset small --device "$DEVICE" --seed "${SEED:-0}" "${SETTINGS[@]}" 2>&1 | grep -v "it/s]\|s/it]"
+    --preset small --device "$DEVICE" --seed "${SEED:-0}" "${SETTINGS[@]}" 2>&1 | grep -v "it/s\|s/it\|step/s\|s/step"
   echo "$(( SECONDS - start )) s: hybrid $*" | tee -a "$X/wall.log"
 }
 rank() {  # rank SELECTOR [hybrid score args]: skipped where a ranking is there already (RANKINGS=, or a finished run)
