@@ -183,14 +183,19 @@ def mode_name(rt) -> str:
     return "+".join(name for name in MODE_SWITCHES if on[name]) or "plain"
 
 
-def profile_one_step(run, out: Path, title: str) -> None:
-    """torch.profiler over one more step of `run` (already warm); writes the top kernels/ops table."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_one_step(run, skip: int, out: Path, title: str) -> None:
+    """torch.profiler over step `skip + 2` of `run(after_step)`, a fresh run of `skip + 2` steps: the first
+    `skip` (eager steps, compile, graph capture) and one more are not recorded, so the table shows a steady
+    step (replayed from the CUDA graph where the mode has one), not one-time work. Writes the top ops table."""
+    from torch.profiler import ProfilerActivity, profile, schedule
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 schedule=schedule(wait=skip, warmup=1, active=1)) as prof:
+        run(lambda _: prof.step())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort_by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(f"## {title}\n\n```\n{table}\n```\n\n")
@@ -314,9 +319,11 @@ def main() -> None:
                 row("stage1", log, args.micro_batch, stage_flops(config, args.seq, [], 1), time.perf_counter() - t0,
                     backend, rt)
                 if profile:
-                    one, _ = stage_configs(1)
-                    profile_one_step(lambda: run_stage1(teacher, student, data, one, Path(tmp) / "p1", rt),
-                                     profile / "profile.md", f"Stage 1 step, {name}, {tag}, {args.micro_batch} x {args.seq}")
+                    one, _ = stage_configs(warmup_of(rt) + 2)
+                    profile_one_step(lambda hook: run_stage1(teacher, student, data, one, Path(tmp) / "p1", rt,
+                                                             after_step=hook),
+                                     warmup_of(rt), profile / "profile.md",
+                                     f"Stage 1 step, {name}, {tag}, {args.micro_batch} x {args.seq}")
             if 2 in stages:
                 hybrid = restore_softmax(student, teacher, softmax)
                 del student
@@ -326,9 +333,11 @@ def main() -> None:
                 row("stage2", log, micro2, stage_flops(config, args.seq, softmax, 2), time.perf_counter() - t0,
                     backend, rt)
                 if profile:
-                    _, one = stage_configs(1)
-                    profile_one_step(lambda: run_stage2(teacher, hybrid, data, one, Path(tmp) / "p2", rt),
-                                     profile / "profile.md", f"Stage 2 step, {name}, {tag}, {micro2} x {args.seq}")
+                    _, one = stage_configs(warmup_of(rt) + 2)
+                    profile_one_step(lambda hook: run_stage2(teacher, hybrid, data, one, Path(tmp) / "p2", rt,
+                                                             after_step=hook),
+                                     warmup_of(rt), profile / "profile.md",
+                                     f"Stage 2 step, {name}, {tag}, {micro2} x {args.seq}")
                 del hybrid
             else:
                 del student

@@ -158,6 +158,7 @@ def run_stage1(
     runtime: Runtime,
     eval_set: EvalSet | None = None,
     loss_kind: str = "l2",
+    after_step: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Train every GDN mixer of an all-linear `student` to reproduce its teacher layer's attention output."""
     if student.config.softmax_layers:
@@ -183,7 +184,8 @@ def run_stage1(
 
     groups = [{"params": mixer_parameters(student), "lr": cfg.lr, "name": "mixers"}]
     log = train("stage1 align", student, groups, loss_fn, get_batch, cfg, work_dir, runtime,
-                evaluate if eval_set is not None else None, units=[layer.linear_attn for layer in student.model.layers])
+                evaluate if eval_set is not None else None, units=[layer.linear_attn for layer in student.model.layers],
+                after_step=after_step)
     student.requires_grad_(True)
     return log
 
@@ -232,6 +234,7 @@ def run_stage2(
     eval_set: EvalSet | None = None,
     get_batch: Callable | None = None,
     name: str = "stage2 distill",
+    after_step: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """All parameters train on full-vocabulary KL(teacher || student).
 
@@ -265,7 +268,7 @@ def run_stage2(
 
     groups = stage2_param_groups(student, tcfg.lr, cfg.other_lr)
     return train(name, student, groups, loss_fn, get_batch, tcfg, work_dir, runtime,
-                 evaluate if eval_set is not None else None, units=list(student.model.layers))
+                 evaluate if eval_set is not None else None, units=list(student.model.layers), after_step=after_step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,12 +149,14 @@ def train(
     evaluate: EvalFn | None = None,
     show_progress: bool | None = None,
     units: list[nn.Module] = (),
+    after_step: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Train `model` for cfg.steps steps (resuming from work_dir's checkpoint if present); returns the log.
 
     loss_fn(model, batch) computes the loss on the model it is given (under several processes, the
     sharded copy); `units` are the submodules FSDP shards one by one (and activation checkpointing
     recomputes). `evaluate` runs on `model`, which holds the trained weights whenever it is called.
+    `after_step(steps_done)` runs after each optimiser step (e.g. `torch.profiler.profile.step`).
     """
     cfg.check(name)
     work_dir = Path(work_dir)
@@ -244,6 +246,8 @@ def train(
         runtime.barrier()
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
+        if after_step is not None:
+            after_step(done)
     bar.close()
     trainee.publish()
     trainee.close()

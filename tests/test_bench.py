@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bench.metrics import (
     DONE,
@@ -544,10 +545,15 @@ def test_train_throughput_measures_each_mode_and_stacking_changes_no_loss(tmp_pa
     rows_file = tmp_path / "rows.jsonl"
     argv = [sys.executable, "bench/train_throughput.py", "--config", str(tmp_path / "teacher" / "config.json"),
             "--seq", "32", "--micro-batch", "2", "--steps", "2", "--warmup", "1", "--modes", "plain", "stack",
-            "--baseline", "--out", str(rows_file)]
+            "--baseline", "--out", str(rows_file), "--profile-dir", str(tmp_path / "profile")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the profile records exactly one optimiser step per stage, after the warm-up (not a fresh run's first step)
+    profile = (tmp_path / "profile" / "profile.md").read_text().split("## ")[1:]
+    assert [p.split(",")[0] for p in profile] == ["Stage 1 step"]  # the last mode profiles; stack has no Stage 2
+    optimizer_rows = [line.split() for line in profile[0].splitlines() if "Optimizer.step#AdamW.step" in line]
+    assert len(optimizer_rows) == 1 and optimizer_rows[0][-1] == "1"
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert [(r["what"], r["mode"]) for r in rows] == [
         ("plain_finetune", "plain"), ("stage1", "plain"), ("stage2", "plain"), ("stage1", "stack")]
@@ -564,6 +570,22 @@ def test_train_throughput_measures_each_mode_and_stacking_changes_no_loss(tmp_pa
         ["| plain fine-tune (baseline)", "plain"], ["| Stage 1", "plain"], ["| Stage 2", "plain"], ["| Stage 1", "stack"]]
     ratio = stage1["stack"]["tok_per_s"] / stage1["plain"]["tok_per_s"]
     assert body[3].split(" | ")[3] == f"{ratio:.2f}×"
+
+
+def test_profile_records_the_step_after_the_warm_up_only(tmp_path):
+    """profile_one_step hands its run a hook to call after each step and records only step skip + 2 (1-based):
+    not the eager steps, compile or capture before it."""
+    from bench.train_throughput import profile_one_step
+
+    def run(after_step):
+        for step in range(1, 6):
+            with torch.profiler.record_function(f"marker step {step}"):
+                torch.randn(8, 8) @ torch.randn(8, 8)
+            after_step(step)
+
+    profile_one_step(run, 3, tmp_path / "profile.md", "five steps")
+    table = (tmp_path / "profile.md").read_text()
+    assert [f"marker step {s}" in table for s in range(1, 6)] == [False, False, False, False, True]
 
 
 def test_stage1_stacking_bench_counts_fewer_ops_stacked():
