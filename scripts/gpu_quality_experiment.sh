@@ -11,6 +11,8 @@
 #   distill  carry [.whl]       Stage 2 for each layer choice in $HYBRIDS (default: ga-s2 uniform); TAG names a variant
 #                               (e.g. TAG=4k EXTRA="--set stage2.train.seq_len=4096 ..." -> hybrid-ga-s2-k8-s0-4k)
 #   eval     carry [.whl]       hybrid eval: teacher + every finished hybrid; rankings and metrics to $OUT
+#                               (TASKS="heldout passkey cloze" with carry [.whl, .whl-eval] adds the lm-eval task
+#                               of bench/recall_cloze.py: names recalled from 250+ tokens back in real prose)
 #
 # Stage 2 at 4K for 32.8M tokens (bench/results/quality_h100/stage2_4k_long/: 438 s on an H100 with start-up and
 # evals, so give it LIMIT=540; save_every=100 keeps a cut-off run resumable by the same phase):
@@ -26,7 +28,9 @@ set -uo pipefail
 PHASE=${1:?phase: prep | align | score | distill | eval}
 X=${X:-/root/x}             # DEVICE=cpu X=/tmp/qx EXTRA="--set ..." rehearses the phases on a CPU at toy budgets
 DEVICE=${DEVICE:-cuda}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# .whl-eval/ (lm-evaluation-harness and what it needs beyond the GPU image, 12 MB) travels only with `eval`
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  $(compgen -G ".whl-eval/*.whl") || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HYBRID_CACHE=$X/cache TQDM_MININTERVAL=15
 OUT=${OUT:-$X/out}
 mkdir -p "$X" "$OUT" "$X/cache/downloads"
@@ -70,8 +74,9 @@ case $PHASE in
       n=${r##*/ranking-}; n=${n%.json}; mkdir -p "$X/rank-$n" && cp "$r" "$X/rank-$n/ranking.json"
     done
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    python3 -c "import torch, transformers, gguf; from kernels.gdn import fla_available; \
-print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla', fla_available())"
+    python3 -c "import torch, transformers, gguf, pyarrow, huggingface_hub; from kernels.gdn import fla_available; \
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla', fla_available(), \
+'pyarrow', pyarrow.__version__, 'huggingface_hub', huggingface_hub.__version__)"
     ;;
   align)
     cat "$X/smol.gguf.aa" .device/smol.gguf.ab .device/smol.gguf.ac > "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,12 +103,21 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla
     done
     ;;
   eval)
+    tasks=${TASKS:-heldout passkey multikey assoc vartrack}
+    if [[ " $tasks " == *" cloze "* ]]; then  # the natural-text recall task (lm-eval), written from $VALID
+      if python3 -c "import lm_eval, datasets" && python3 bench/recall_cloze.py --data "$VALID" --out "$X/cloze"; then
+        tasks=${tasks/cloze/$X/cloze/recall_cloze.yaml}
+      else
+        echo "cloze left out: lm-eval does not import here (carry .whl-eval) or the task could not be written"
+        tasks=${tasks/cloze/}
+      fi
+    fi
     models=()
     for d in "$X"/hybrid-*; do [[ -f $d/config.json ]] && models+=("${d#$X/hybrid-}=$d"); done
     t=$(left)
     timeout "$t" python3 -m distill.cli eval "${models[@]}" --teacher smollm2-135m --device "$DEVICE" \
       --data "$VALID" --seq-len 1024 --eval-tokens ${EVAL_TOKENS:-65536} \
-      --tasks ${TASKS:-heldout passkey multikey assoc vartrack} --lengths ${LENGTHS:-512 1024 2048 4096} --samples ${SAMPLES:-100} \
+      --tasks $tasks --lengths ${LENGTHS:-512 1024 2048 4096} --samples ${SAMPLES:-100} \
       --out "$X/eval" 2>&1 | grep -v "it/s]\|s/it]"
     # at most 8 files come back: the table and plot, and one archive of every JSON
     R=$X/results; mkdir -p "$R"; cp "$X"/eval/results.* "$X/wall.log" "$R/" 2>/dev/null
