@@ -28,9 +28,12 @@ set -uo pipefail
 PHASE=${1:?phase: prep | align | score | distill | eval}
 X=${X:-/root/x}             # DEVICE=cpu X=/tmp/qx EXTRA="--set ..." rehearses the phases on a CPU at toy budgets
 DEVICE=${DEVICE:-cuda}
-# .whl-eval/ (lm-evaluation-harness and what it needs beyond the GPU image, 12 MB) travels only with `eval`
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  $(compgen -G ".whl-eval/*.whl") || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# .whl-eval/ (lm-evaluation-harness and what it needs beyond the GPU image, 12 MB; scripts/fetch_eval_wheels.sh)
+if [[ $PHASE == eval ]] && compgen -G ".whl-eval/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl-eval/*.whl || echo ".whl-eval/ not installed: its wheels are for the GPU machine's Python 3.12"
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HYBRID_CACHE=$X/cache TQDM_MININTERVAL=15
 OUT=${OUT:-$X/out}
 mkdir -p "$X" "$OUT" "$X/cache/downloads"
