@@ -7,7 +7,8 @@
         a prepared-data folder      a cache entry written by this module (has hybrid-data.json)
         a Hugging Face dataset      "org/name", "hf:org/name", "hf:org/name:config@split" (streamed)
 
-Documents are the unit: a jsonl line or parquet row is one document, a text file is split into
+Documents are the unit: a jsonl line, parquet row or dataset row is one document, whole (only a row
+longer than ROW_CHARS is cut, to bound the tokenizer's memory), and a text file is split into
 documents of at most DOC_CHARS characters at paragraph breaks. Each document is tokenised without
 special tokens and followed by EOS; the stream is cut into blocks of `seq_len` tokens (the tail that
 does not fill a block is dropped). `min_doc_tokens` keeps only documents at least that long in the
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DEMO = "demo"
 DOC_CHARS = 8000  # text files are cut into documents of at most this many characters
+# rows (jsonl, parquet, datasets) are documents of their own, cut only beyond this many characters: cutting
+# them at DOC_CHARS would put an EOS every ~2K tokens inside a long document, and no training block could then
+# hold a longer dependency
+ROW_CHARS = 1_000_000
 META_FILE = "hybrid-data.json"
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -198,7 +203,7 @@ def read_file(path: Path, text_field: str) -> Iterator[str]:
             yield from split_long(f.read())
     elif base in JSONL_SUFFIXES:
         for line_no, row in jsonl_rows(path):
-            yield from split_long(_text_of(row, text_field, f"{path}:{line_no}"))
+            yield from split_long(_text_of(row, text_field, f"{path}:{line_no}"), ROW_CHARS)
     elif base in PARQUET_SUFFIXES:
         try:
             import pyarrow.parquet as pq
@@ -212,7 +217,7 @@ def read_file(path: Path, text_field: str) -> Iterator[str]:
         for batch in table.iter_batches(columns=[text_field]):
             for text in batch.column(0).to_pylist():
                 if text:
-                    yield from split_long(text)
+                    yield from split_long(text, ROW_CHARS)
 
 
 def _text_of(row, text_field: str, where: str) -> str:
@@ -243,7 +248,7 @@ def read_hf(source: Source, text_field: str) -> Iterator[str]:
     except Exception as err:  # noqa: BLE001 - datasets raises many types; the user needs the message
         raise UserError(f"could not open Hugging Face dataset {source.name!r} (split {source.split!r}): {err}") from None
     for i, row in enumerate(stream):
-        yield from split_long(_text_of(row, text_field, f"{source.name} row {i}"))
+        yield from split_long(_text_of(row, text_field, f"{source.name} row {i}"), ROW_CHARS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,20 +274,52 @@ def _source_key(source: Source) -> dict:
     return asdict(source)
 
 
-def cache_key(spec: DataSpec, sources: list[Source], fingerprint: str) -> str:
-    payload = {
+def _corpus_payload(spec: DataSpec, sources: list[Source], fingerprint: str) -> dict:
+    """What the tokenised documents depend on (not how they are packed)."""
+    return {
         "version": FORMAT_VERSION,
         "tokenizer": fingerprint,
         "sources": [_source_key(s) for s in sources],
-        "seq_len": spec.seq_len,
-        "eval_tokens": spec.eval_tokens,
         "max_tokens": spec.max_tokens,
         "text_field": spec.text_field,
         "doc_chars": DOC_CHARS,
+        "row_chars": ROW_CHARS,
     }
+
+
+def _names(sources: list[Source]) -> str:
+    return ", ".join(s.name for s in sources[:3]) + (f" (+{len(sources) - 3} more)" if len(sources) > 3 else "")
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_key(spec: DataSpec, sources: list[Source], fingerprint: str) -> str:
+    """The packed blocks' cache entry."""
+    payload = _corpus_payload(spec, sources, fingerprint) | {"seq_len": spec.seq_len, "eval_tokens": spec.eval_tokens}
     if spec.min_doc_tokens:  # only when set, so caches written before this setting existed stay valid
         payload["min_doc_tokens"] = spec.min_doc_tokens
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    return _digest(payload)
+
+
+def tokenized_corpus(spec: DataSpec, sources: list[Source], tokenizer, fingerprint: str,
+                     root: Path) -> list[tuple[bytes, np.ndarray]]:
+    """[(content hash, token ids + EOS)] per document, tokenised once per corpus and tokenizer and cached in
+    `root/tokens-<key>`: every sequence length and document filter of a run packs from the same tokens."""
+    target = root / f"tokens-{_digest(_corpus_payload(spec, sources, fingerprint))}"
+    if not (target / "offsets.npy").is_file():
+        log.info("tokenising %s with %s", _names(sources), tokenizer.name_or_path)
+        docs = tokenize_documents(_documents(sources, spec.text_field), tokenizer, spec.max_tokens)
+        lengths = np.asarray([len(doc) for _, doc in docs], dtype=np.int64)
+        with atomic_directory(target, overwrite=True) as tmp:
+            np.save(tmp / "tokens.npy", np.concatenate([doc for _, doc in docs]) if docs else np.zeros(0, np.uint32))
+            np.save(tmp / "hashes.npy", np.frombuffer(b"".join(h for h, _ in docs), dtype=np.uint8).reshape(-1, 16))
+            np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    tokens = np.load(target / "tokens.npy", mmap_mode="r")
+    hashes = np.load(target / "hashes.npy")
+    offsets = np.load(target / "offsets.npy")
+    return [(hashes[i].tobytes(), tokens[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)]
 
 
 def _documents(sources: list[Source], text_field: str) -> Iterator[str]:
@@ -407,9 +444,8 @@ def prepare_data(spec: DataSpec, tokenizer, cache_dir: Path | None = None) -> Pa
     if (target / META_FILE).is_file():
         return load_prepared(target, tokenizer, spec)
 
-    names = ", ".join(s.name for s in sources[:3]) + (f" (+{len(sources) - 3} more)" if len(sources) > 3 else "")
-    log.info("tokenising %s with %s", names, tokenizer.name_or_path)
-    tokenized = tokenize_documents(_documents(sources, spec.text_field), tokenizer, spec.max_tokens)
+    names = _names(sources)
+    tokenized = tokenized_corpus(spec, sources, tokenizer, fingerprint, cache_dir or data_cache_root())
     total = sum(len(doc) for _, doc in tokenized)
     eval_blocks = spec.eval_tokens // spec.seq_len
     need = (eval_blocks + 1) * spec.seq_len

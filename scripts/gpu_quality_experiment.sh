@@ -20,6 +20,8 @@
 #     --set stage2.train.micro_batch=8 --set stage2.train.steps=1000 --set stage2.train.save_every=100
 #     --set stage2.train.eval_every=500"            (add --set stage2.min_doc_tokens=2048 and TAG=4k-longdocs
 #                                                    to train on documents of at least 2,048 tokens only)
+# Runs before 2026-12-06's fix of distill/data.py trained on documents cut at 8,000 characters (an EOS every ~2K
+# tokens of a long document); tag runs after it apart (e.g. TAG=4k-whole) when comparing with those.
 # .device/ holds the SmolLM2 GGUF split with `split -b 40000000` and ../shared/data/en-mix-*.jsonl.xz.
 # Every step is resumable: a phase cut off by the call's limit continues when the same phase runs again.
 # Budgets: Stage 1 300 x 64 x 512 = 9.8M tokens; GA-S2 candidates 8 x 16 x 1024 = 131K tokens each;

@@ -158,6 +158,15 @@ def test_cache_is_reused_and_keyed_by_tokenizer(tmp_path, tok, cache, monkeypatc
     monkeypatch.setattr(data_module, "tokenize_documents", boom)
     again = prepare_data(spec(path), tok, cache)
     assert again.path == first.path and np.array_equal(again.train, first.train)
+    # another sequence length or document filter packs the tokens already cached, and packs them as a fresh run would
+    longer = prepare_data(spec(path, seq_len=64), tok, cache)
+    filtered = prepare_data(spec(path, seq_len=64, min_doc_tokens=40), tok, cache)
+    monkeypatch.undo()
+    for packed in (longer, filtered):
+        fresh = prepare_data(spec(path, seq_len=64, min_doc_tokens=packed.meta["min_doc_tokens"]), tok,
+                             tmp_path / f"fresh{packed.meta['min_doc_tokens']}")
+        assert np.array_equal(packed.train, fresh.train) and np.array_equal(packed.eval, fresh.eval)
+    monkeypatch.setattr(data_module, "tokenize_documents", boom)
     other_tok = make_tokenizer(vocab_size=320)
     assert tokenizer_fingerprint(other_tok) != tokenizer_fingerprint(tok)
     monkeypatch.undo()
@@ -210,6 +219,28 @@ def test_demo_corpus_ships_with_the_package(tok, cache):
     assert {p.name for p in demo_files()} == {"bible_web.txt.gz", "devil.txt.gz", "shakespeare.txt.gz"}
     data = prepare_data(spec("demo", seq_len=128, eval_tokens=512), tok, cache)
     assert data.meta["tokens"] > 100_000 and len(data.eval) == 4
+
+
+def test_a_long_row_stays_one_document_while_a_text_file_is_cut(tmp_path, tok, cache):
+    """A jsonl row of 3x DOC_CHARS is one document (one EOS, at its end); the same text as a .txt file is cut
+    into documents of at most DOC_CHARS characters."""
+    from distill.data import DOC_CHARS
+
+    rng = np.random.default_rng(11)
+    paragraphs, length = [], 0
+    while length < 3 * DOC_CHARS:
+        paragraphs.append(" ".join(rng.choice(WORDS, size=40)))
+        length += len(paragraphs[-1]) + 2
+    long_text = "\n\n".join(paragraphs)
+    rows = tmp_path / "long.jsonl"
+    rows.write_text(json.dumps({"text": long_text}) + "\n" + "".join(json.dumps({"text": d}) + "\n"
+                                                                       for d in random_docs(40, seed=12)))
+    text_file = tmp_path / "long.txt"
+    text_file.write_text(long_text)
+    as_row = prepare_data(spec(rows, eval_tokens=64), tok, cache)
+    as_text = prepare_data(spec(text_file, eval_tokens=64), tok, cache)
+    assert as_row.meta["documents"] == 41
+    assert as_text.meta["documents"] >= 3  # pieces of at most DOC_CHARS characters
 
 
 def test_split_long_cuts_at_paragraphs():
