@@ -7,18 +7,19 @@
         a prepared-data folder      a cache entry written by this module (has hybrid-data.json)
         a Hugging Face dataset      "org/name", "hf:org/name", "hf:org/name:config@split" (streamed)
 
-Documents are the unit: a jsonl line, parquet row or dataset row is one document, whole (only a row
-longer than ROW_CHARS is cut, to bound the tokenizer's memory), and a text file is split into
-documents of at most DOC_CHARS characters at paragraph breaks. Each document is tokenised without
-special tokens and followed by EOS; the stream is cut into blocks of `seq_len` tokens (the tail that
-does not fill a block is dropped). `min_doc_tokens` keeps only documents at least that long in the
-training blocks, so a long block holds long-range dependencies instead of several unrelated texts.
+A text is a jsonl line, a parquet or dataset row, or a text file. It is cut into pieces at paragraph
+breaks: a text file into pieces of at most DOC_CHARS characters, so that the held-out split can take
+part of it; a row only beyond ROW_CHARS, to bound the tokenizer's memory. Each piece is tokenised
+without special tokens, and the last piece of a text is followed by EOS, so a long text reaches
+training as one run of tokens. The stream is cut into blocks of `seq_len` tokens (the tail that does
+not fill a block is dropped). `min_doc_tokens` keeps only texts at least that long in the training
+blocks, so a long block holds long-range dependencies instead of several unrelated texts.
 
-The held-out split is fixed by content, not by position: documents are ordered by a hash of their
-text and the first ones, until they hold `eval_tokens` tokens, are held out and packed into
-eval_tokens // seq_len blocks. The same files give the same held-out documents whatever their
-order, the sequence length or the run, so stages with different sequence lengths never train on
-each other's held-out text.
+The held-out split is fixed by content, not by position: pieces are ordered by a hash of their text
+and the first ones, until they hold `eval_tokens` tokens, are held out and packed into
+eval_tokens // seq_len blocks. The same files give the same held-out pieces whatever their order,
+the sequence length or the run, so stages with different sequence lengths never train on each
+other's held-out text.
 
 The packed blocks are cached under $HYBRID_CACHE/data/<key>, where the key covers the tokenizer's
 fingerprint, every file's path, size and mtime, and the packing settings.
@@ -47,13 +48,10 @@ from distill.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: EOS only after a text's last piece (1: after every piece)
 DEMO = "demo"
 DOC_CHARS = 8000  # text files are cut into documents of at most this many characters
-# rows (jsonl, parquet, datasets) are documents of their own, cut only beyond this many characters: cutting
-# them at DOC_CHARS would put an EOS every ~2K tokens inside a long document, and no training block could then
-# hold a longer dependency
-ROW_CHARS = 1_000_000
+ROW_CHARS = 1_000_000  # rows (jsonl, parquet, datasets) are cut only beyond this many characters
 META_FILE = "hybrid-data.json"
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -73,8 +71,9 @@ class DataSpec:
     eval_tokens: int = 2048  # held-out tokens (the same documents whatever seq_len is)
     max_tokens: int | None = None  # stop reading after this many tokens (needed for streamed datasets)
     text_field: str = "text"
-    # training blocks come only from documents at least this long (EOS included); 0 keeps every document.
-    # Held-out documents are chosen before this filter, so the held-out text is the same either way.
+    # training blocks come only from texts (a file of a text format, or a row) at least this many tokens long,
+    # EOS included; 0 keeps every text. The held-out pieces are chosen before this filter, so the held-out text
+    # is the same either way.
     min_doc_tokens: int = 0
 
 
@@ -197,13 +196,14 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def read_file(path: Path, text_field: str) -> Iterator[str]:
+    """The texts of one file, whole: the file itself (text formats) or each row's `text_field`."""
     base, _ = _base_suffix(path)
     if base in TEXT_SUFFIXES:
         with _open_text(path) as f:
-            yield from split_long(f.read())
+            yield f.read()
     elif base in JSONL_SUFFIXES:
         for line_no, row in jsonl_rows(path):
-            yield from split_long(_text_of(row, text_field, f"{path}:{line_no}"), ROW_CHARS)
+            yield _text_of(row, text_field, f"{path}:{line_no}")
     elif base in PARQUET_SUFFIXES:
         try:
             import pyarrow.parquet as pq
@@ -217,7 +217,7 @@ def read_file(path: Path, text_field: str) -> Iterator[str]:
         for batch in table.iter_batches(columns=[text_field]):
             for text in batch.column(0).to_pylist():
                 if text:
-                    yield from split_long(text, ROW_CHARS)
+                    yield text
 
 
 def _text_of(row, text_field: str, where: str) -> str:
@@ -248,7 +248,7 @@ def read_hf(source: Source, text_field: str) -> Iterator[str]:
     except Exception as err:  # noqa: BLE001 - datasets raises many types; the user needs the message
         raise UserError(f"could not open Hugging Face dataset {source.name!r} (split {source.split!r}): {err}") from None
     for i, row in enumerate(stream):
-        yield from split_long(_text_of(row, text_field, f"{source.name} row {i}"), ROW_CHARS)
+        yield _text_of(row, text_field, f"{source.name} row {i}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,59 +303,75 @@ def cache_key(spec: DataSpec, sources: list[Source], fingerprint: str) -> str:
     return _digest(payload)
 
 
-def tokenized_corpus(spec: DataSpec, sources: list[Source], tokenizer, fingerprint: str,
-                     root: Path) -> list[tuple[bytes, np.ndarray]]:
-    """[(content hash, token ids + EOS)] per document, tokenised once per corpus and tokenizer and cached in
-    `root/tokens-<key>`: every sequence length and document filter of a run packs from the same tokens."""
+# One tokenised piece of a text: (content hash, token ids, followed by EOS when the piece ends its text,
+# index of its text in the corpus)
+Piece = tuple[bytes, np.ndarray, int]
+
+
+def tokenized_corpus(spec: DataSpec, sources: list[Source], tokenizer, fingerprint: str, root: Path) -> list[Piece]:
+    """Every piece of the corpus, tokenised once per corpus and tokenizer and cached in `root/tokens-<key>`:
+    every sequence length and document filter of a run packs from the same tokens."""
     target = root / f"tokens-{_digest(_corpus_payload(spec, sources, fingerprint))}"
     if not (target / "offsets.npy").is_file():
         log.info("tokenising %s with %s", _names(sources), tokenizer.name_or_path)
-        docs = tokenize_documents(_documents(sources, spec.text_field), tokenizer, spec.max_tokens)
-        lengths = np.asarray([len(doc) for _, doc in docs], dtype=np.int64)
+        pieces = tokenize_documents(_pieces(sources, spec.text_field), tokenizer, spec.max_tokens)
+        hashes, token_ids, texts = zip(*pieces) if pieces else ((), (), ())
+        lengths = np.asarray([len(ids) for ids in token_ids], dtype=np.int64)
         with atomic_directory(target, overwrite=True) as tmp:
-            np.save(tmp / "tokens.npy", np.concatenate([doc for _, doc in docs]) if docs else np.zeros(0, np.uint32))
-            np.save(tmp / "hashes.npy", np.frombuffer(b"".join(h for h, _ in docs), dtype=np.uint8).reshape(-1, 16))
+            np.save(tmp / "tokens.npy", np.concatenate(token_ids) if pieces else np.zeros(0, np.uint32))
+            np.save(tmp / "hashes.npy", np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(-1, 16))
+            np.save(tmp / "texts.npy", np.asarray(texts, dtype=np.int64))
             np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
     tokens = np.load(target / "tokens.npy", mmap_mode="r")
-    hashes = np.load(target / "hashes.npy")
-    offsets = np.load(target / "offsets.npy")
-    return [(hashes[i].tobytes(), tokens[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)]
+    hashes, texts, offsets = (np.load(target / f"{name}.npy") for name in ("hashes", "texts", "offsets"))
+    return [(hashes[i].tobytes(), tokens[offsets[i]:offsets[i + 1]], int(texts[i])) for i in range(len(texts))]
 
 
-def _documents(sources: list[Source], text_field: str) -> Iterator[str]:
+def _pieces(sources: list[Source], text_field: str) -> Iterator[tuple[str, int, bool]]:
+    """(piece, index of its text, whether it is the text's last piece) for every text of `sources`, in order:
+    a text file is cut into pieces of at most DOC_CHARS characters, a row only beyond ROW_CHARS."""
+    index = 0
     for source in sources:
         if source.kind == "file":
-            yield from read_file(Path(source.name), text_field)
+            path = Path(source.name)
+            limit = DOC_CHARS if _base_suffix(path)[0] in TEXT_SUFFIXES else ROW_CHARS
+            texts = read_file(path, text_field)
         else:
-            yield from read_hf(source, text_field)
+            texts, limit = read_hf(source, text_field), ROW_CHARS
+        for text in texts:
+            parts = list(split_long(text, limit))
+            for i, part in enumerate(parts):
+                yield part, index, i == len(parts) - 1
+            index += 1
 
 
 def tokenize_documents(
-    documents: Iterator[str], tokenizer, max_tokens: int | None, batch_docs: int = 256
-) -> list[tuple[bytes, np.ndarray]]:
-    """[(content hash, token ids + EOS)] per document, reading until `max_tokens`."""
+    pieces: Iterator[tuple[str, int, bool]], tokenizer, max_tokens: int | None, batch_docs: int = 256
+) -> list[Piece]:
+    """Each piece's hash, token ids (+ EOS after a text's last piece) and text index, until `max_tokens`."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError(f"the teacher's tokenizer ({tokenizer.name_or_path}) has no EOS token to separate documents")
     dtype = np.uint32
-    out: list[tuple[bytes, np.ndarray]] = []
+    out: list[Piece] = []
     total = 0
     bar = tqdm(desc="tokenising", unit="tok", unit_scale=True, total=max_tokens, leave=False)
-    batch: list[str] = []
+    batch: list[tuple[str, int, bool]] = []
 
     def flush() -> None:
         nonlocal total
-        ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
-        for text, doc in zip(batch, ids):
+        ids = tokenizer([text for text, _, _ in batch], add_special_tokens=False, verbose=False)["input_ids"]
+        for (text, index, last), piece in zip(batch, ids):
             if max_tokens is not None and total >= max_tokens:
                 break  # the rest of the batch is not needed
-            out.append((hashlib.blake2b(text.encode(), digest_size=16).digest(), np.asarray(doc + [eos], dtype=dtype)))
-            total += len(doc) + 1
-            bar.update(len(doc) + 1)
+            piece = piece + [eos] if last else piece
+            out.append((hashlib.blake2b(text.encode(), digest_size=16).digest(), np.asarray(piece, dtype=dtype), index))
+            total += len(piece)
+            bar.update(len(piece))
         batch.clear()
 
-    for text in documents:
-        batch.append(text)
+    for item in pieces:
+        batch.append(item)
         if len(batch) == batch_docs:
             flush()
             if max_tokens is not None and total >= max_tokens:
@@ -367,7 +383,7 @@ def tokenize_documents(
 
 
 def pack(docs: list[np.ndarray], seq_len: int) -> np.ndarray:
-    """Concatenate documents (each already ends in EOS) and cut into [n, seq_len] blocks."""
+    """Concatenate pieces (a text's last one ends in EOS) and cut into [n, seq_len] blocks."""
     if not docs:
         return np.zeros((0, seq_len), dtype=np.uint32)
     stream = np.concatenate(docs)
@@ -375,23 +391,31 @@ def pack(docs: list[np.ndarray], seq_len: int) -> np.ndarray:
     return stream[: n * seq_len].reshape(n, seq_len)
 
 
+def text_lengths(pieces: list[Piece]) -> dict[int, int]:
+    """Tokens of each text, over all its pieces."""
+    lengths: dict[int, int] = {}
+    for _, ids, text in pieces:
+        lengths[text] = lengths.get(text, 0) + len(ids)
+    return lengths
+
+
 def split_and_pack(
-    tokenized: list[tuple[bytes, np.ndarray]], seq_len: int, eval_tokens: int, min_doc_tokens: int = 0
+    pieces: list[Piece], seq_len: int, eval_tokens: int, min_doc_tokens: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out the documents with the smallest content hashes until they hold `eval_tokens` tokens; pack the
-    others that hold at least `min_doc_tokens` tokens into training blocks."""
-    order = sorted(range(len(tokenized)), key=lambda i: tokenized[i][0])
+    """Hold out the pieces with the smallest content hashes until they hold `eval_tokens` tokens; pack the
+    others of texts that hold at least `min_doc_tokens` tokens into training blocks."""
+    order = sorted(range(len(pieces)), key=lambda i: pieces[i][0])
     held_out: set[int] = set()
     tokens = 0
     for i in order:
         if tokens >= eval_tokens:
             break
         held_out.add(i)
-        tokens += len(tokenized[i][1])
-    eval_ = pack([tokenized[i][1] for i in sorted(held_out)], seq_len)[: max(eval_tokens // seq_len, 1)]
-    train = pack([doc for i, (_, doc) in enumerate(tokenized) if i not in held_out and len(doc) >= min_doc_tokens],
-                 seq_len)
-    return train, eval_
+        tokens += len(pieces[i][1])
+    eval_ = pack([pieces[i][1] for i in sorted(held_out)], seq_len)[: max(eval_tokens // seq_len, 1)]
+    lengths = text_lengths(pieces)
+    kept = [ids for i, (_, ids, text) in enumerate(pieces) if i not in held_out and lengths[text] >= min_doc_tokens]
+    return pack(kept, seq_len), eval_
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,22 +469,23 @@ def prepare_data(spec: DataSpec, tokenizer, cache_dir: Path | None = None) -> Pa
         return load_prepared(target, tokenizer, spec)
 
     names = _names(sources)
-    tokenized = tokenized_corpus(spec, sources, tokenizer, fingerprint, cache_dir or data_cache_root())
-    total = sum(len(doc) for _, doc in tokenized)
+    pieces = tokenized_corpus(spec, sources, tokenizer, fingerprint, cache_dir or data_cache_root())
+    lengths = text_lengths(pieces)
+    total = sum(lengths.values())
     eval_blocks = spec.eval_tokens // spec.seq_len
     need = (eval_blocks + 1) * spec.seq_len
     if total < need:
         raise UserError(
-            f"--data {names}: {len(tokenized)} documents, {total} tokens after tokenisation; need at least "
+            f"--data {names}: {len(lengths)} documents, {total} tokens after tokenisation; need at least "
             f"{need} ({eval_blocks} held-out blocks + 1 training block of {spec.seq_len} tokens)"
         )
-    train, eval_ = split_and_pack(tokenized, spec.seq_len, spec.eval_tokens, spec.min_doc_tokens)
+    train, eval_ = split_and_pack(pieces, spec.seq_len, spec.eval_tokens, spec.min_doc_tokens)
     if len(train) == 0 or len(eval_) < eval_blocks:
-        longest = max(len(doc) for _, doc in tokenized)
+        longest = max(lengths.values())
         only_long = (f" from documents of at least {spec.min_doc_tokens} tokens (min_doc_tokens; the longest has "
                      f"{longest})" if spec.min_doc_tokens else "")
         raise UserError(
-            f"--data {names}: {total} tokens in {len(tokenized)} documents give {len(train)} training blocks"
+            f"--data {names}: {total} tokens in {len(lengths)} documents give {len(train)} training blocks"
             f"{only_long} and {len(eval_)} held-out blocks of {spec.seq_len} tokens; need at least 1 and "
             f"{eval_blocks} (add more text, or lower the sequence length, the held-out size or min_doc_tokens)"
         )
@@ -468,7 +493,8 @@ def prepare_data(spec: DataSpec, tokenizer, cache_dir: Path | None = None) -> Pa
         "format_version": FORMAT_VERSION,
         "tokenizer": {"name": tokenizer.name_or_path, "fingerprint": fingerprint, "vocab_size": len(tokenizer)},
         "sources": [asdict(s) for s in sources],
-        "documents": len(tokenized),
+        "documents": len(lengths),  # texts: a file of a text format, or a row
+        "pieces": len(pieces),
         "tokens": total,
         "seq_len": spec.seq_len,
         "min_doc_tokens": spec.min_doc_tokens,

@@ -221,9 +221,10 @@ def test_demo_corpus_ships_with_the_package(tok, cache):
     assert data.meta["tokens"] > 100_000 and len(data.eval) == 4
 
 
-def test_a_long_row_stays_one_document_while_a_text_file_is_cut(tmp_path, tok, cache):
-    """A jsonl row of 3x DOC_CHARS is one document (one EOS, at its end); the same text as a .txt file is cut
-    into documents of at most DOC_CHARS characters."""
+def test_a_long_text_reaches_training_as_one_run_of_tokens(tmp_path, tok, cache):
+    """A jsonl row of 3x DOC_CHARS is one piece; the same text as a .txt file is cut into pieces of at most
+    DOC_CHARS (so the held-out split can take one), but only its last piece ends in EOS, and min_doc_tokens
+    measures the whole text, not a piece."""
     from distill.data import DOC_CHARS
 
     rng = np.random.default_rng(11)
@@ -239,8 +240,14 @@ def test_a_long_row_stays_one_document_while_a_text_file_is_cut(tmp_path, tok, c
     text_file.write_text(long_text)
     as_row = prepare_data(spec(rows, eval_tokens=64), tok, cache)
     as_text = prepare_data(spec(text_file, eval_tokens=64), tok, cache)
-    assert as_row.meta["documents"] == 41
-    assert as_text.meta["documents"] >= 3  # pieces of at most DOC_CHARS characters
+    assert as_row.meta["documents"] == as_row.meta["pieces"] == 41
+    assert as_text.meta["documents"] == 1 and as_text.meta["pieces"] >= 3
+    eos = tok.eos_token_id
+    assert int((np.asarray(as_text.train) == eos).sum()) <= 1  # at most the text's own end: no EOS between pieces
+
+    longer_than_a_piece = as_text.meta["tokens"] // 2
+    whole = prepare_data(spec(text_file, eval_tokens=64, min_doc_tokens=longer_than_a_piece), tok, cache)
+    assert np.array_equal(whole.train, as_text.train)
 
 
 def test_split_long_cuts_at_paragraphs():
