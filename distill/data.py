@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: EOS only after a text's last piece (1: after every piece)
 DEMO = "demo"
-DOC_CHARS = 8000  # text files are cut into documents of at most this many characters
+DOC_CHARS = 8000  # text files are cut into pieces of at most this many characters
 ROW_CHARS = 1_000_000  # rows (jsonl, parquet, datasets) are cut only beyond this many characters
 META_FILE = "hybrid-data.json"
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
@@ -297,10 +297,8 @@ def _digest(payload: dict) -> str:
 
 def cache_key(spec: DataSpec, sources: list[Source], fingerprint: str) -> str:
     """The packed blocks' cache entry."""
-    payload = _corpus_payload(spec, sources, fingerprint) | {"seq_len": spec.seq_len, "eval_tokens": spec.eval_tokens}
-    if spec.min_doc_tokens:  # only when set, so caches written before this setting existed stay valid
-        payload["min_doc_tokens"] = spec.min_doc_tokens
-    return _digest(payload)
+    return _digest(_corpus_payload(spec, sources, fingerprint)
+                   | {"seq_len": spec.seq_len, "eval_tokens": spec.eval_tokens, "min_doc_tokens": spec.min_doc_tokens})
 
 
 # One tokenised piece of a text: (content hash, token ids, followed by EOS when the piece ends its text,
