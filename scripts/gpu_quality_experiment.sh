@@ -21,8 +21,11 @@
 #     --set stage2.train.eval_every=500"            (add --set stage2.min_doc_tokens=2048 and TAG=4k-longdocs
 #                                                    to train on documents of at least 2,048 tokens only)
 # Runs before 2026-12-06's fix of distill/data.py trained on documents cut at 8,000 characters (an EOS every ~2K
-# tokens of a long document); tag runs after it apart (e.g. TAG=4k-whole) when comparing with those.
-# .device/ holds the SmolLM2 GGUF split with `split -b 40000000` and ../shared/data/en-mix-*.jsonl.xz.
+# tokens of a long document); tag runs after it apart (e.g. TAG=4k-whole) when comparing with those. Both
+# variants ran (bench/results/quality_h100/stage2_4k_whole/: distill 432 s and 444 s; eval of the teacher and two
+# hybrids with TASKS="heldout passkey cloze" 88 s).
+# .whl/, .whl-eval/ and .device/ (the SmolLM2 GGUF split with `split -b 40000000`, ../shared/data/en-mix-*.jsonl.xz)
+# come from `bash scripts/fetch_device_inputs.sh`, once per checkout.
 # Every step is resumable: a phase cut off by the call's limit continues when the same phase runs again.
 # Budgets: Stage 1 300 x 64 x 512 = 9.8M tokens; GA-S2 candidates 8 x 16 x 1024 = 131K tokens each;
 # Stage 2 300 x 16 x 2048 = 9.8M tokens per hybrid (0.68 epochs of the 14.5M-token mix each).
