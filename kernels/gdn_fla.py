@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from kernels.compiled import compiled
 
-__all__ = ["TorchBackwardParts", "chunk_bwd_dqkwg_torch", "prepare_wy_repr_bwd_torch", "fla_chunk_gdn"]
+__all__ = ["TorchBackwardParts", "chunk_bwd_dqkwg_torch", "fla_chunk_gdn", "in_batch_slices", "prepare_wy_repr_bwd_torch",
+           "temp_bytes_per_sequence"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class TorchBackwardParts:
     dqkwg: bool = True
     wy_repr: bool = False
     compiled: bool = False  # run those torch parts through torch.compile (fused elementwise around the matmuls)
+    # The torch parts hold float32 copies of every chunk and state they touch. A stacked Stage 1 hands them all
+    # layers' sequences at once (batch x layers: 112 sequences of 4,096 tokens for Qwen2.5-1.5B at 4 x 4096, ~39 GB
+    # of temporaries by temp_bytes_per_sequence), which ran out of memory on an 80 GB H100
+    # (bench/results/train_throughput.md). Sequences are independent, so they run over slices of the batch whose
+    # temporaries stay under this many bytes (SmolLM2's stacked 8 x 2048: 2 slices; Qwen's 4 x 4096: 5).
+    max_temp_bytes: int = 8 << 30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +151,34 @@ def prepare_wy_repr_bwd_torch(k, v, beta, g, A, dw, du, chunk: int = 64):
     return _unchunked(dk, T), _unchunked(dv, T), _unchunked(db, T), _unchunked(dg, T)
 
 
+def temp_bytes_per_sequence(q: torch.Tensor, v: torch.Tensor, chunk: int = 64) -> int:
+    """About how many bytes of float32 temporaries the torch parts hold per sequence of q [B, T, H, K],
+    v [B, T, H, V]: three state-shaped [H, N, K, V] and eight chunk-shaped [H, N, C, max(K, V)] tensors."""
+    _, T, H, K = q.shape
+    V = v.shape[-1]
+    chunks = -(-T // chunk)
+    return 4 * H * chunks * (3 * K * V + 8 * chunk * max(K, V))
+
+
+def in_batch_slices(fn, args: tuple, per_sequence_bytes: int, max_bytes: int) -> tuple[torch.Tensor, ...]:
+    """fn(*args) for batch-first tensor args, computed over as few equal slices of the batch as keep
+    per_sequence_bytes x slice under max_bytes, into outputs allocated once (no concatenation copy).
+    fn must treat sequences independently; non-tensor args pass through."""
+    B = next(a for a in args if isinstance(a, torch.Tensor)).shape[0]
+    slices = min(B, max(1, -(-B * per_sequence_bytes // max_bytes)))
+    if slices == 1:
+        return fn(*args)
+    bounds = torch.linspace(0, B, slices + 1).round().long().tolist()
+    outs: list[torch.Tensor] = []
+    for start, stop in zip(bounds, bounds[1:]):
+        part = fn(*(a[start:stop] if isinstance(a, torch.Tensor) else a for a in args))
+        if not outs:
+            outs = [x.new_empty((B, *x.shape[1:])) for x in part]
+        for out, x in zip(outs, part):
+            out[start:stop] = x
+    return tuple(outs)
+
+
 # ----------------------------------------------------------------------------------------------
 # the autograd function over fla's kernels
 # ----------------------------------------------------------------------------------------------
@@ -179,13 +214,16 @@ class _FlaChunkGDN(torch.autograd.Function):
         dqkwg_torch, wy_torch = chunk_bwd_dqkwg_torch, prepare_wy_repr_bwd_torch
         if parts.compiled:
             dqkwg_torch, wy_torch = compiled(dqkwg_torch), compiled(wy_torch)
+        per_sequence = temp_bytes_per_sequence(q, v)
         with torch.autocast(device_type="cuda", enabled=False):
             if parts.dqkwg:
-                dq, dk, dw, dg = dqkwg_torch(q, k, v_new, g, h, dh, do, dv, scale)
+                dq, dk, dw, dg = in_batch_slices(dqkwg_torch, (q, k, v_new, g, h, dh, do, dv, scale),
+                                                 per_sequence, parts.max_temp_bytes)
             else:
                 dq, dk, dw, dg = chunk_bwd_dqkwg(q=q, k=k, v=v_new, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=scale)
             if parts.wy_repr:
-                dk2, dv, db, dg2 = wy_torch(k, v, beta, g, A, dw, dv)
+                dk2, dv, db, dg2 = in_batch_slices(wy_torch, (k, v, beta, g, A, dw, dv), per_sequence,
+                                                   parts.max_temp_bytes)
             else:
                 dk2, dv, db, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv)
             dk = dk + dk2

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from kernels.gdn_fla import chunk_bwd_dqkwg_torch, prepare_wy_repr_bwd_torch
+from kernels.gdn_fla import chunk_bwd_dqkwg_torch, in_batch_slices, prepare_wy_repr_bwd_torch, temp_bytes_per_sequence
 
 C = 64
 LN2 = math.log(2.0)
@@ -104,21 +104,51 @@ def test_chunk_bwd_dqkwg_matches_autograd(T):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def _backward_part_args(B, T, H, K, V, seed):
+    gen = torch.Generator().manual_seed(seed + 100)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    q, k, v, beta, g = (x.float() for x in _inputs(B, T, H, K, V, seed=seed))
+    A = r(B, T, H, C) * 0.1
+    N = -(-T // C)
+    h, dh = r(B, N, H, K, V), r(B, N, H, K, V)
+    do, dv, dw, du = r(B, T, H, V), r(B, T, H, V), r(B, T, H, K), r(B, T, H, V)
+    return ((chunk_bwd_dqkwg_torch, (q, k, v, g, h, dh, do, dv, K**-0.5)),
+            (prepare_wy_repr_bwd_torch, (k, v, beta, g, A, dw, du)))
+
+
 def test_compiled_torch_parts_compute_what_the_eager_ones_do():
     """Training on CUDA runs both functions through torch.compile (TorchBackwardParts.compiled); here inductor's
     CPU backend compiles the same graphs: same results as eager on a partial last chunk."""
     from kernels.compiled import compiled
 
-    B, T, H, K, V = 2, 100, 3, 16, 8
-    gen = torch.Generator().manual_seed(3)
-    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    q, k, v, beta, g = (x.float() for x in _inputs(B, T, H, K, V, seed=2))
-    A = r(B, T, H, C) * 0.1
-    N = -(-T // C)
-    h, dh = r(B, N, H, K, V), r(B, N, H, K, V)
-    do, dv, dw, du = r(B, T, H, V), r(B, T, H, V), r(B, T, H, K), r(B, T, H, V)
-
-    for fn, args in ((chunk_bwd_dqkwg_torch, (q, k, v, g, h, dh, do, dv, K**-0.5)),
-                     (prepare_wy_repr_bwd_torch, (k, v, beta, g, A, dw, du))):
+    for fn, args in _backward_part_args(B=2, T=100, H=3, K=16, V=8, seed=2):
         for got, ref in zip(compiled(fn)(*args), fn(*args)):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_parts_over_batch_slices_compute_what_one_call_does():
+    """A stacked Stage 1 hands the torch backward parts every layer's sequences at once; over a memory bound
+    they run on slices of the batch (here 7 sequences in 3 slices of 2-3) into outputs allocated once."""
+    B, T, H, K, V = 7, 100, 3, 16, 8
+    for fn, args in _backward_part_args(B, T, H, K, V, seed=4):
+        per_sequence = temp_bytes_per_sequence(args[0], args[2])
+        calls = []
+
+        def counted(*a, fn=fn):
+            calls.append(a[0].shape[0])
+            return fn(*a)
+
+        sliced = in_batch_slices(counted, args, per_sequence, max_bytes=3 * per_sequence)
+        assert calls == [2, 3, 2], fn.__name__
+        for got, ref in zip(sliced, fn(*args), strict=True):
+            assert got.dtype == ref.dtype and got.shape == ref.shape
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        calls.clear()
+        in_batch_slices(counted, args, per_sequence, max_bytes=B * per_sequence)
+        assert calls == [B]  # under the bound: one call, as before
+
+
+def test_temp_bytes_per_sequence_counts_the_chunks_of_a_partial_last_one():
+    q, v = torch.empty(1, 4097, 12, 128), torch.empty(1, 4097, 12, 128)
+    per_chunk = 4 * 12 * (3 * 128 * 128 + 8 * 64 * 128)
+    assert temp_bytes_per_sequence(q, v) == 65 * per_chunk
