@@ -189,7 +189,7 @@ def profile_one_step(run, skip: int, out: Path, title: str) -> None:
     step (replayed from the CUDA graph where the mode has one), not one-time work. Writes the top ops table."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
                  schedule=schedule(wait=skip, warmup=1, active=1)) as prof:
         run(lambda _: prof.step())
         if torch.cuda.is_available():
@@ -198,7 +198,25 @@ def profile_one_step(run, skip: int, out: Path, title: str) -> None:
     table = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
-        f.write(f"## {title}\n\n```\n{table}\n```\n\n")
+        f.write(f"## {title}\n\n```\n{table}\n```\n\n{copies_by_shape(prof.key_averages(group_by_input_shape=True))}")
+
+
+COPY_OPS = ("aten::_to_copy", "aten::copy_", "aten::cat")
+
+
+def copies_by_shape(averages, rows: int = 25) -> str:
+    """The step's copies and casts grouped by input shape, largest self time first: whether the cast kernels
+    move weights or activations. A step replayed from a CUDA graph has no aten ops to show (profile a mode
+    without `graph` for this table)."""
+    def self_us(e) -> float:
+        return getattr(e, "self_device_time_total", 0.0) or e.self_cpu_time_total
+
+    copies = sorted((e for e in averages if e.key in COPY_OPS), key=self_us, reverse=True)
+    if not copies:
+        return "No aten copy ops recorded (a replayed CUDA graph shows only its kernels).\n\n"
+    lines = ["| op | input shapes | calls | self time (µs; device time where there is a device) |", "|---|---|---:|---:|"]
+    lines += [f"| {e.key} | {str(e.input_shapes)[:120]} | {e.count} | {self_us(e):.0f} |" for e in copies[:rows]]
+    return "Copies and casts by input shape:\n\n" + "\n".join(lines) + "\n\n"
 
 
 def main() -> None:

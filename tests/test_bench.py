@@ -588,6 +588,22 @@ def test_profile_records_the_step_after_the_warm_up_only(tmp_path):
     assert [f"marker step {s}" in table for s in range(1, 6)] == [False, False, False, False, True]
 
 
+def test_profile_lists_copies_and_casts_by_input_shape(tmp_path):
+    """Whether a step's cast kernels move weights or activations: the profile groups its copies by input shape."""
+    from bench.train_throughput import profile_one_step
+
+    weight, activations = torch.randn(16, 8), torch.randn(64, 8)
+
+    def run(after_step):
+        for step in range(1, 4):
+            activations.to(torch.bfloat16) @ weight.to(torch.bfloat16).T
+            after_step(step)
+
+    profile_one_step(run, 1, tmp_path / "profile.md", "casts")
+    rows = [r for r in (tmp_path / "profile.md").read_text().splitlines() if r.startswith("| aten::_to_copy")]
+    assert any("[64, 8]" in r for r in rows) and any("[16, 8]" in r for r in rows), rows
+
+
 def test_stage1_stacking_bench_counts_fewer_ops_stacked():
     """bench/stage1_stacking.py on the CPU at a tiny size: both ways run, stacked launches several times fewer ops."""
     from bench.stage1_stacking import main as stacking
