@@ -20,6 +20,8 @@
 #     --set stage2.train.micro_batch=8 --set stage2.train.steps=1000 --set stage2.train.save_every=100
 #     --set stage2.train.eval_every=500"            (add --set stage2.min_doc_tokens=2048 and TAG=4k-longdocs
 #                                                    to train on documents of at least 2,048 tokens only)
+# Twice the tokens (65.5M, ~730 s of training): steps=2000 and TAG=4k-2x, and the same distill call twice: the
+# second resumes from the first one's last checkpoint (save_every=100).
 # Runs before 2026-12-06's fix of distill/data.py trained on documents cut at 8,000 characters (an EOS every ~2K
 # tokens of a long document); tag runs after it apart (e.g. TAG=4k-whole) when comparing with those. Both
 # variants ran (bench/results/quality_h100/stage2_4k_whole/: distill 432 s and 444 s; eval of the teacher and two
