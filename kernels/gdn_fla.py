@@ -39,11 +39,18 @@ class TorchBackwardParts:
     wy_repr: bool = False
     compiled: bool = False  # run those torch parts through torch.compile (fused elementwise around the matmuls)
     # The torch parts hold float32 copies of every chunk and state they touch. A stacked Stage 1 hands them all
-    # layers' sequences at once (batch x layers: 112 sequences of 4,096 tokens for Qwen2.5-1.5B at 4 x 4096, ~39 GB
+    # layers' sequences at once (batch x layers: 112 sequences of 4,096 tokens for Qwen2.5-1.5B at 4 x 4096, ~37 GiB
     # of temporaries by temp_bytes_per_sequence), which ran out of memory on an 80 GB H100
     # (bench/results/train_throughput.md). Sequences are independent, so they run over slices of the batch whose
-    # temporaries stay under this many bytes (SmolLM2's stacked 8 x 2048: 2 slices; Qwen's 4 x 4096: 5).
-    max_temp_bytes: int = 8 << 30
+    # temporaries stay under this many bytes; None: a fifth of the GPU's memory (16 GB on an H100: SmolLM2's
+    # stacked 8 x 2048 in one slice, its 64 x 512 in two, Qwen's 4 x 4096 in three). Slicing costs one more
+    # write and read of the outputs, so it is kept for steps that need it.
+    max_temp_bytes: int | None = None
+
+    def temp_budget(self, device: torch.device) -> int:
+        if self.max_temp_bytes is not None:
+            return self.max_temp_bytes
+        return torch.cuda.get_device_properties(device).total_memory // 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,16 +221,15 @@ class _FlaChunkGDN(torch.autograd.Function):
         dqkwg_torch, wy_torch = chunk_bwd_dqkwg_torch, prepare_wy_repr_bwd_torch
         if parts.compiled:
             dqkwg_torch, wy_torch = compiled(dqkwg_torch), compiled(wy_torch)
-        per_sequence = temp_bytes_per_sequence(q, v)
+        per_sequence, budget = temp_bytes_per_sequence(q, v), parts.temp_budget(q.device)
         with torch.autocast(device_type="cuda", enabled=False):
             if parts.dqkwg:
                 dq, dk, dw, dg = in_batch_slices(dqkwg_torch, (q, k, v_new, g, h, dh, do, dv, scale),
-                                                 per_sequence, parts.max_temp_bytes)
+                                                 per_sequence, budget)
             else:
                 dq, dk, dw, dg = chunk_bwd_dqkwg(q=q, k=k, v=v_new, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=scale)
             if parts.wy_repr:
-                dk2, dv, db, dg2 = in_batch_slices(wy_torch, (k, v, beta, g, A, dw, dv), per_sequence,
-                                                   parts.max_temp_bytes)
+                dk2, dv, db, dg2 = in_batch_slices(wy_torch, (k, v, beta, g, A, dw, dv), per_sequence, budget)
             else:
                 dk2, dv, db, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv)
             dk = dk + dk2
