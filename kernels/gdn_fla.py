@@ -175,7 +175,7 @@ def in_batch_slices(fn, args: tuple, per_sequence_bytes: int, max_bytes: int) ->
     slices = min(B, max(1, -(-B * per_sequence_bytes // max_bytes)))
     if slices == 1:
         return fn(*args)
-    bounds = torch.linspace(0, B, slices + 1).round().long().tolist()
+    bounds = [round(i * B / slices) for i in range(slices + 1)]  # host arithmetic: no device op under capture
     outs: list[torch.Tensor] = []
     for start, stop in zip(bounds, bounds[1:]):
         part = fn(*(a[start:stop] if isinstance(a, torch.Tensor) else a for a in args))
