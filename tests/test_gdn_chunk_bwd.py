@@ -142,7 +142,7 @@ def test_torch_parts_over_batch_slices_compute_what_one_call_does():
         assert calls == [2, 3, 2], fn.__name__
         for got, ref in zip(sliced, fn(*args), strict=True):
             assert got.dtype == ref.dtype and got.shape == ref.shape
-            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # summation order only
         calls.clear()
         in_batch_slices(counted, args, per_sequence, max_bytes=B * per_sequence)
         assert calls == [B]  # under the bound: one call, as before
