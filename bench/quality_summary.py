@@ -1,0 +1,183 @@
+"""Every hybrid a quality experiment made, in one table: held-out KL and perplexity, recall (greedy exact match and
+the continuous score), lm-eval metrics, and what its Stage 2 cost.
+
+    python -m bench.quality_summary bench/results/quality_h100 --out bench/results/quality_h100/summary.md
+
+Walks DIR for `hybrid eval` results (`results*.json`). Each result file's directory is a run; its training logs give
+a hybrid's Stage-2 tokens (`logs/log-hybrid-NAME.jsonl`, the last step's count) and training time
+(`metrics-hybrid-NAME.json`). A model evaluated in several files of one run (passkey in one, associative recall in
+another) is one row. Rows are grouped by the held-out text they were scored on, told apart by the teacher's
+perplexity on it (a changed loader or validation file changes the text): KL and perplexity compare only within a
+group, recall cells (fixed prompts) across groups too. The teacher gets one row per group, with what every run
+measured of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.eval_results import EvalReport, ModelReport
+
+STAGE2_SECONDS = "stage 2 (distill)"
+
+
+@dataclass
+class Row:
+    run: str  # the result file's directory, relative to the walked root
+    date: str
+    device: str
+    model: ModelReport  # every result file of the run merged
+    stage2_tokens: int | None = None
+    stage2_seconds: float | None = None
+
+
+@dataclass
+class Group:
+    teacher_perplexity: float | None
+    teacher: Row | None = None
+    rows: list[Row] = field(default_factory=list)
+
+
+def merge(into: ModelReport, other: ModelReport) -> None:
+    """Add what `other` measured of the same model (another result file of the same run) to `into`."""
+    into.heldout = into.heldout or other.heldout
+    seen = {(r.task, r.context) for r in into.recall}
+    into.recall += [r for r in other.recall if (r.task, r.context) not in seen]
+    for task, metrics in other.lm_eval.items():
+        into.lm_eval.setdefault(task, metrics)
+
+
+def training_cost(run_dir: Path, name: str) -> tuple[int | None, float | None]:
+    """(Stage-2 tokens, Stage-2 seconds) of hybrid NAME from the run's logs, None where they are not there."""
+    tokens = seconds = None
+    log = run_dir / "logs" / f"log-hybrid-{name}.jsonl"
+    if log.is_file():
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        tokens = json.loads(lines[-1]).get("tokens") if lines else None
+    metrics = run_dir / f"metrics-hybrid-{name}.json"
+    if metrics.is_file():
+        seconds = json.loads(metrics.read_text()).get("seconds", {}).get(STAGE2_SECONDS)
+    return tokens, seconds
+
+
+def load_rows(root: Path) -> list[Row]:
+    rows: dict[tuple[str, str], Row] = {}
+    for path in sorted(root.rglob("results*.json")):
+        try:
+            report = EvalReport.load(path)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: not a `hybrid eval` results file ({type(error).__name__}: {error})") from error
+        run = str(path.parent.relative_to(root)) or "."
+        for model in report.models:
+            key = (run, model.name)
+            if key in rows:
+                merge(rows[key].model, model)
+            else:
+                device = report.device.removeprefix("NVIDIA ").split()[0]
+                rows[key] = Row(run, report.date, device, model, *training_cost(path.parent, model.name))
+    return list(rows.values())
+
+
+def group_rows(rows: list[Row]) -> list[Group]:
+    """Groups by held-out text: a run's teacher perplexity (two decimals) names the text its rows were scored on."""
+    text_of_run = {r.run: round(r.model.heldout.perplexity, 2) for r in rows
+                   if r.model.role == "teacher" and r.model.heldout is not None}
+    groups: dict[float | None, Group] = {}
+    for row in rows:
+        group = groups.setdefault(text_of_run.get(row.run), Group(text_of_run.get(row.run)))
+        if row.model.role == "teacher":  # one teacher per text: what each run measured of it, merged
+            if group.teacher is None:
+                group.teacher = row
+            else:
+                merge(group.teacher.model, row.model)
+                group.teacher.run, group.teacher.date, group.teacher.device = "all runs", "—", ""
+        else:
+            group.rows.append(row)
+    return sorted(groups.values(), key=lambda g: (g.teacher_perplexity is None, -(g.teacher_perplexity or 0)))
+
+
+def _cells(rows: list[Row]) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    recall = sorted({(r.task, r.context) for row in rows for r in row.model.recall})
+    lm_eval = sorted({(task, metric) for row in rows for task, metrics in row.model.lm_eval.items()
+                      for metric in metrics if metric.startswith("acc,")})
+    return recall, lm_eval
+
+
+def _layers(model: ModelReport) -> str:
+    if model.softmax_layers is None:
+        return "all"
+    return f"{len(model.softmax_layers)}/{model.num_layers}: " + ",".join(map(str, model.softmax_layers))
+
+
+def render(groups: list[Group], root: Path) -> str:
+    lines = [f"# Every hybrid under `{root}`", "",
+             "Written by `python -m bench.quality_summary`. Recall cells: greedy exact match, then the continuous score "
+             "(log-probability gain from the needle, nats) in brackets. Stage 2: tokens trained and training minutes "
+             "from the run's logs (— where the run kept none).", ""]
+    for group in groups:
+        members = ([group.teacher] if group.teacher else []) + group.rows
+        recall, lm_eval = _cells(members)
+        title = ("held-out text unknown (no teacher perplexity in these runs)" if group.teacher_perplexity is None
+                 else f"Held-out text on which the teacher's perplexity is {group.teacher_perplexity:.2f}")
+        header = (["run", "date, GPU", "model", "softmax layers", "Stage 2 tokens", "Stage 2 min", "held-out KL",
+                   "perplexity"] + [f"{t}@{c}" for t, c in recall] + [f"{t} {m.split(',')[0]}" for t, m in lm_eval])
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in members:
+            m = row.model
+            cells = [row.run, ", ".join(filter(None, (row.date, row.device))), m.name, _layers(m),
+                     "—" if row.stage2_tokens is None else f"{row.stage2_tokens / 1e6:.1f}M",
+                     "—" if row.stage2_seconds is None else f"{row.stage2_seconds / 60:.1f}",
+                     "—" if m.heldout is None else f"{m.heldout.kl:.4f}",
+                     "—" if m.heldout is None else f"{m.heldout.perplexity:.2f}"]
+            for task, context in recall:
+                s = m.recall_score(task, context)
+                cells.append("—" if s is None else f"{s.exact:.2f} [{s.delta:.1f}]")
+            for task, metric in lm_eval:
+                value = m.lm_eval.get(task, {}).get(metric)
+                cells.append("—" if value is None else f"{value:.3f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_json(groups: list[Group]) -> list[dict]:
+    def one(row: Row) -> dict:
+        m = row.model
+        return {"run": row.run, "date": row.date, "device": row.device, "name": m.name, "role": m.role,
+                "softmax_layers": m.softmax_layers, "stage2_tokens": row.stage2_tokens,
+                "stage2_seconds": row.stage2_seconds,
+                "heldout": None if m.heldout is None else {"kl": m.heldout.kl, "perplexity": m.heldout.perplexity},
+                "recall": {f"{r.task}@{r.context}": {"exact": r.exact, "delta": r.delta} for r in m.recall},
+                "lm_eval": m.lm_eval}
+    return [{"teacher_perplexity": g.teacher_perplexity,
+             "models": [one(r) for r in ([g.teacher] if g.teacher else []) + g.rows]} for g in groups]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="a directory holding `hybrid eval` results, in subdirectories too")
+    parser.add_argument("--out", type=Path, help="write the markdown here and the numbers beside it (.json)")
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.error(f"no such directory: {args.root}")
+    try:
+        rows = load_rows(args.root)
+    except ValueError as error:
+        parser.error(str(error))
+    if not rows:
+        parser.error(f"no results*.json written by `hybrid eval` under {args.root}")
+    groups = group_rows(rows)
+    table = render(groups, args.root)
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps(to_json(groups), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

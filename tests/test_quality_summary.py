@@ -1,0 +1,75 @@
+"""bench/quality_summary.py: every hybrid of an experiment directory in one table, from real files on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.quality_summary import main
+from distill.eval_results import EvalReport, HeldoutScore, ModelReport, RecallScore
+
+
+def model(name: str, *, teacher_ppl: float, kl: float | None = None, recall=(), lm_eval=None) -> ModelReport:
+    softmax = None if name == "teacher" else [1, 5]
+    heldout = None if kl is None else HeldoutScore(kl, teacher_ppl + 10 * kl, 4096, 1024)
+    return ModelReport(name=name, path=f"/runs/{name}", role="teacher" if softmax is None else "model",
+                       softmax_layers=softmax, num_layers=8, heldout=heldout,
+                       recall=[RecallScore(task, context, 100, exact, -1.0, -1.0 - gain)
+                               for task, context, exact, gain in recall],
+                       lm_eval=lm_eval or {})
+
+
+def save(path, *models: ModelReport, device: str = "NVIDIA H100 80GB HBM3") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    EvalReport(date="2026-12-06", device=device, command="hybrid eval", settings={}, models=list(models)).save(path)
+
+
+def training_logs(run_dir, name: str, tokens: int, seconds: float) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    steps = [{"step": s, "tokens": tokens * s // 2} for s in (1, 2)]
+    (run_dir / "logs" / f"log-hybrid-{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    (run_dir / f"metrics-hybrid-{name}.json").write_text(json.dumps({"seconds": {"stage 2 (distill)": seconds}}))
+
+
+def test_every_hybrid_of_every_run_in_one_table_grouped_by_held_out_text(tmp_path):
+    root = tmp_path / "experiment"
+    # run A: passkey in one file, associative recall of the same models in another
+    save(root / "results.json",
+         model("teacher", teacher_ppl=26.16, kl=0.0, recall=[("passkey", 512, 1.0, 15.0)]),
+         model("ga-s2-k2-s0", teacher_ppl=26.16, kl=0.14, recall=[("passkey", 512, 0.7, 13.0)]))
+    save(root / "results_recall.json",
+         model("teacher", teacher_ppl=26.16, recall=[("assoc", 512, 0.6, 9.0)]),
+         model("ga-s2-k2-s0", teacher_ppl=26.16, recall=[("assoc", 512, 0.2, 8.0)]))
+    training_logs(root, "ga-s2-k2-s0", tokens=5_900_000, seconds=120.0)
+    # run B, other held-out text (another teacher perplexity), an lm-eval task, no training logs
+    save(root / "later" / "results.json",
+         model("teacher", teacher_ppl=21.88, kl=0.0, recall=[("passkey", 512, 1.0, 15.0)],
+               lm_eval={"recall_cloze": {"acc,none": 0.30, "acc_stderr,none": 0.05}}),
+         model("ga-s2-k2-s0-4k", teacher_ppl=21.88, kl=0.11, recall=[("passkey", 512, 0.9, 14.0)],
+               lm_eval={"recall_cloze": {"acc,none": 0.21, "acc_stderr,none": 0.04}}),
+         device="NVIDIA H200")
+    out = tmp_path / "summary.md"
+    assert main([str(root), "--out", str(out)]) == 0
+
+    groups = json.loads(out.with_suffix(".json").read_text())
+    assert [g["teacher_perplexity"] for g in groups] == [26.16, 21.88]
+    first = {m["name"]: m for m in groups[0]["models"]}
+    assert set(first) == {"teacher", "ga-s2-k2-s0"}  # one row per model although two files measured it
+    assert set(first["ga-s2-k2-s0"]["recall"]) == {"passkey@512", "assoc@512"}
+    assert first["ga-s2-k2-s0"]["recall"]["assoc@512"] == {"exact": 0.2, "delta": pytest.approx(8.0)}
+    assert (first["ga-s2-k2-s0"]["stage2_tokens"], first["ga-s2-k2-s0"]["stage2_seconds"]) == (5_900_000, 120.0)
+    later = {m["name"]: m for m in groups[1]["models"]}
+    assert later["ga-s2-k2-s0-4k"]["stage2_tokens"] is None and later["ga-s2-k2-s0-4k"]["device"] == "H200"
+
+    table = out.read_text()
+    assert "| . | 2026-12-06, H100 | ga-s2-k2-s0 | 2/8: 1,5 | 5.9M | 2.0 | 0.1400 | 27.56 | 0.20 [8.0] | 0.70 [13.0] |" in table
+    assert "| later | 2026-12-06, H200 | ga-s2-k2-s0-4k | 2/8: 1,5 | — | — | 0.1100 | 22.98 | 0.90 [14.0] | 0.210 |" in table
+    assert "teacher's perplexity is 26.16" in table and "teacher's perplexity is 21.88" in table
+
+
+def test_a_json_file_that_is_not_an_eval_result_is_named(tmp_path, capsys):
+    (tmp_path / "results-old.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert "results-old.json: not a `hybrid eval` results file" in capsys.readouterr().err
