@@ -116,8 +116,8 @@ def _layers(model: ModelReport) -> str:
 def render(groups: list[Group], root: Path) -> str:
     lines = [f"# Every hybrid under `{root}`", "",
              "Written by `python -m bench.quality_summary`. Recall cells: greedy exact match, then the continuous score "
-             "(log-probability gain from the needle, nats) in brackets. Stage 2: tokens trained and training minutes "
-             "from the run's logs (— where the run kept none).", ""]
+             "(log-probability gain from the needle, nats) in brackets. Stage 2: tokens trained, and the stage's wall "
+             "minutes with its periodic evals, from the run's logs (— where the run kept none).", ""]
     for group in groups:
         members = ([group.teacher] if group.teacher else []) + group.rows
         recall, lm_eval = _cells(members)
