@@ -4,8 +4,8 @@ the continuous score), lm-eval metrics, and what its Stage 2 cost.
     python -m bench.quality_summary bench/results/quality_h100 --out bench/results/quality_h100/summary.md
 
 Walks DIR for `hybrid eval` results (`results*.json`). Each result file's directory is a run; its training logs give
-a hybrid's Stage-2 tokens (`logs/log-hybrid-NAME.jsonl`, the last step's count) and training time
-(`metrics-hybrid-NAME.json`). A model evaluated in several files of one run (passkey in one, associative recall in
+a hybrid's Stage-2 tokens and time (`logs/log-hybrid-NAME.jsonl`, the last step's count and wall clock; older
+logs: `metrics-hybrid-NAME.json`). A model evaluated in several files of one run (passkey in one, associative recall in
 another) is one row. Rows are grouped by the held-out text they were scored on, told apart by the teacher's
 perplexity on it (a changed loader or validation file changes the text): KL and perplexity compare only within a
 group, recall cells (fixed prompts) across groups too. The teacher gets one row per group, with what every run
@@ -52,16 +52,23 @@ def merge(into: ModelReport, other: ModelReport) -> None:
 
 
 def training_cost(run_dir: Path, name: str) -> tuple[int | None, float | None]:
-    """(Stage-2 tokens, Stage-2 seconds) of hybrid NAME from the run's logs, None where they are not there."""
-    tokens = seconds = None
+    """(Stage-2 tokens, Stage-2 seconds) of hybrid NAME from the run's logs, None where they are not there.
+
+    The seconds are the log's `wall_s` (the stage's time with its evals, summed over resumed attempts). Logs
+    written before it existed give the metrics file's stage time, which covers only the attempt that finished:
+    where the log's own step time (`elapsed_s`, kept across resumes) is longer, that is the better figure."""
+    last: dict = {}
     log = run_dir / "logs" / f"log-hybrid-{name}.jsonl"
     if log.is_file():
         lines = [line for line in log.read_text().splitlines() if line.strip()]
-        tokens = json.loads(lines[-1]).get("tokens") if lines else None
+        last = json.loads(lines[-1]) if lines else {}
+    if "wall_s" in last:
+        return last.get("tokens"), last["wall_s"]
     metrics = run_dir / f"metrics-hybrid-{name}.json"
-    if metrics.is_file():
-        seconds = json.loads(metrics.read_text()).get("seconds", {}).get(STAGE2_SECONDS)
-    return tokens, seconds
+    seconds = json.loads(metrics.read_text()).get("seconds", {}).get(STAGE2_SECONDS) if metrics.is_file() else None
+    if last.get("elapsed_s") is not None:
+        seconds = max(seconds or 0.0, last["elapsed_s"])
+    return last.get("tokens"), seconds
 
 
 def load_rows(root: Path) -> list[Row]:

@@ -191,7 +191,7 @@ def train(
     step_fn = GraphedStep(one_step, optimizer) if graphed else one_step
     settings = asdict(cfg)
 
-    start, elapsed = 0, 0.0
+    start, elapsed, wall_before = 0, 0.0, 0.0
     log = read_log(work_dir)
     state = trainee.load(work_dir, optimizer)
     if state is not None:
@@ -201,6 +201,7 @@ def train(
                 f"({state.get('settings')}); delete {work_dir} to start this stage again"
             )
         start, elapsed = state["step"], state["elapsed"]
+        wall_before = state.get("wall", elapsed)  # checkpoints before 2026-12-06 kept only the steps' time
         if graphed:  # a resumed group's LR is whatever was saved (a float, or a tensor loaded to the CPU)
             for group in optimizer.param_groups:
                 group["lr"] = torch.tensor(float(group["lr"]), device=runtime.device)
@@ -214,6 +215,7 @@ def train(
     bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
                disable=not (runtime.is_main if show_progress is None else show_progress))
     trainee.module.train()
+    loop_start = time.perf_counter()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         factor = lr_factor(cfg, step)
@@ -237,12 +239,14 @@ def train(
             model.eval()
             record.update(evaluate())
             model.train()
+        # wall_s: the stage's time so far with its evals, across resumes (to each attempt's last checkpoint)
+        record["wall_s"] = round(wall_before + time.perf_counter() - loop_start, 3)
         log.append(record)
         if runtime.is_main:
             with open(work_dir / LOG, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
-            trainee.save(work_dir, optimizer, done, {"elapsed": elapsed, "settings": settings})
+            trainee.save(work_dir, optimizer, done, {"elapsed": elapsed, "wall": record["wall_s"], "settings": settings})
         runtime.barrier()
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}")

@@ -21,7 +21,8 @@
 #     --set stage2.train.eval_every=500"            (add --set stage2.min_doc_tokens=2048 and TAG=4k-longdocs
 #                                                    to train on documents of at least 2,048 tokens only)
 # Twice the tokens (65.5M, ~730 s of training): steps=2000 and TAG=4k-2x, and the same distill call twice: the
-# second resumes from the first one's last checkpoint (save_every=100).
+# second resumes from the first one's last checkpoint (save_every=100). Ran on 2026-12-06 (LIMIT=540, then 420:
+# 528 s + 388 s; bench/results/quality_h100/stage2_4k_2x/).
 # Runs before 2026-12-06's fix of distill/data.py trained on documents cut at 8,000 characters (an EOS every ~2K
 # tokens of a long document); tag runs after it apart (e.g. TAG=4k-whole) when comparing with those. Both
 # variants ran (bench/results/quality_h100/stage2_4k_whole/: distill 432 s and 444 s; eval of the teacher and two

@@ -73,3 +73,15 @@ def test_a_json_file_that_is_not_an_eval_result_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "results-old.json: not a `hybrid eval` results file" in capsys.readouterr().err
+
+def test_stage2_time_of_a_resumed_run_counts_every_attempt(tmp_path):
+    """The metrics file holds the time of the attempt that finished only; the log's clocks run across resumes."""
+    from bench.quality_summary import training_cost
+
+    training_logs(tmp_path, "older", tokens=1000, seconds=368.0)  # a log without wall_s: the metrics' figure...
+    assert training_cost(tmp_path, "older") == (1000, 368.0)
+    log = tmp_path / "logs" / "log-hybrid-older.jsonl"
+    log.write_text(log.read_text() + json.dumps({"step": 3, "tokens": 1500, "elapsed_s": 798.5}) + "\n")
+    assert training_cost(tmp_path, "older") == (1500, 798.5)  # ...unless the resumed steps' own clock is longer
+    log.write_text(log.read_text() + json.dumps({"step": 4, "tokens": 2000, "elapsed_s": 800.0, "wall_s": 845.0}) + "\n")
+    assert training_cost(tmp_path, "older") == (2000, 845.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import replace
 
 import pytest
@@ -195,7 +196,8 @@ def test_cosine_schedule_endpoints():
 
 
 def test_training_loop_resumes_to_identical_weights(tmp_path):
-    """3 steps + resume for 3 more (a fresh model and optimiser, as after a restart) == 6 straight steps."""
+    """3 steps + resume for 3 more (a fresh model and optimiser, as after a restart) == 6 straight steps; the
+    log's wall clock continues across the restart instead of starting again."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     data = torch.randn(6, 4, 8)
@@ -206,6 +208,7 @@ def test_training_loop_resumes_to_identical_weights(tmp_path):
         cfg = TrainConfig(steps=6, seq_len=1, batch=4, micro_batch=2, lr=1e-2, save_every=1)
 
         def loss_fn(model, x):
+            time.sleep(0.01)  # each step takes >= 20 ms of wall time
             return model(x).pow(2).mean() + 1e-3 * torch.randn(()), {}  # uses the RNG: resume must restore it
 
         def get_batch(step, micro):
@@ -228,3 +231,5 @@ def test_training_loop_resumes_to_identical_weights(tmp_path):
     for p, q in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
     assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
+    walls = [r["wall_s"] for r in read_log(tmp_path / "b")]
+    assert walls == sorted(walls) and walls[-1] >= 6 * 0.02
