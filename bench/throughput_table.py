@@ -46,6 +46,8 @@ def render(rows: list[dict]) -> str:
             ratio = f"{r['tok_per_s'] / base['tok_per_s']:.2f}×" if base and base is not r else ""
             mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "—"
             mem = f"{r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") is not None else "—"
+            if r.get("pieces", 1) > 1:  # ran out of memory, then ran each micro-batch in pieces: their own peak
+                mem = f"{r['peak_mem_timed_gib']:.1f} GiB in {r['pieces']} forwards per micro-batch"
             out.append(f"| {STAGE_NAMES[r['what']]} | {r['mode']} | {r['tok_per_s']:,} | {ratio} | {mfu} | {mem} "
                        f"| {r.get('replayed_steps', 0)} of {r['timed_steps']} | {r['first_loss']:.5f} |")
         out += ["", *target_lines(teacher, device, micro, seq, group), ""]

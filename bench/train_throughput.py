@@ -300,6 +300,9 @@ def main() -> None:
             "softmax_layers": softmax if what == "stage2" else None, "timed_steps": len(timed), "tok_per_s": round(tok_s),
             "model_gflop_per_token": round(flops / 1e9, 3), "mfu": round(flops * tok_s / peak, 4) if peak else None,
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            # the timed steps' own peak: after an out-of-memory retry the whole-stage peak is the failed attempt's
+            "peak_mem_timed_gib": round(timed_peak[0] / 2**30, 2) if cuda and timed_peak else None,
+            "pieces": log[-1].get("pieces", 1),
             "mode": mode_name(rt), "stack_mixers": stacked, "compile": compiled, "cuda_graph": graphed,
             "replayed_steps": sum(bool(r.get("replayed")) for r in timed),
             "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
@@ -320,6 +323,22 @@ def main() -> None:
                                       schedule="constant", save_every=0))
         return s1, s2
 
+    timed_peak: list[int] = []  # bytes, the last stage's timed steps only (filled by after_warmup's reset)
+
+    def after_warmup(rt):
+        """after_step hook: start counting peak memory again once the untimed steps are done."""
+        timed_peak.clear()
+
+        def hook(done: int) -> None:
+            if not cuda:
+                return
+            if done == warmup_of(rt):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            elif done > warmup_of(rt):
+                timed_peak[:] = [torch.cuda.max_memory_allocated()]
+        return hook
+
     def warmup_of(rt) -> int:
         """Untimed steps: --warmup, and with a CUDA graph also the eager steps before capture and the capture."""
         return max(args.warmup, GRAPH_WARMUP) if rt.uses("cuda_graph") else args.warmup
@@ -333,7 +352,7 @@ def main() -> None:
             if 1 in stages:
                 reset_memory()
                 t0 = time.perf_counter()
-                log = run_stage1(teacher, student, data, s1, Path(tmp) / "s1", rt)
+                log = run_stage1(teacher, student, data, s1, Path(tmp) / "s1", rt, after_step=after_warmup(rt))
                 row("stage1", log, args.micro_batch, stage_flops(config, args.seq, [], 1), time.perf_counter() - t0,
                     backend, rt)
                 if profile:
@@ -347,7 +366,7 @@ def main() -> None:
                 del student
                 reset_memory()
                 t0 = time.perf_counter()
-                log = run_stage2(teacher, hybrid, data, s2, Path(tmp) / "s2", rt)
+                log = run_stage2(teacher, hybrid, data, s2, Path(tmp) / "s2", rt, after_step=after_warmup(rt))
                 row("stage2", log, micro2, stage_flops(config, args.seq, softmax, 2), time.perf_counter() - t0,
                     backend, rt)
                 if profile:

@@ -13,14 +13,16 @@ once. What that needs from the step, and how it is met:
   the last of them on a side stream as the capture will;
 - autocast without its weight-cast cache (a cached cast would be captured once and never refreshed).
 
-One process only (FSDP's collectives are not captured here). If capture fails, the stage logs why and
-continues eagerly. On by default for one CUDA process (`parallel.cuda_graph=auto`): with `parallel.compile` it
+One process only (FSDP's collectives are not captured here). If capture fails, the stage logs why, frees what
+the capture held, and continues eagerly (a capture that runs out of memory then leaves the eager step the room
+it had in the warm-up). On by default for one CUDA process (`parallel.cuda_graph=auto`): with `parallel.compile` it
 took the SmolLM2 Stage 1 from 64.9K to 160.7K tokens/s and Stage 2 from 42.5K to 104.6K on an H200
 (bench/results/train_throughput.md, 2026-12-06).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 
@@ -58,6 +60,11 @@ class GraphedStep:
         self.static_batches: list | None = None
         self.outputs: tuple | None = None
 
+    def restart(self) -> None:
+        """Forget the warm-up and any capture: the step's shapes change (the loop's smaller forwards after an
+        out-of-memory error), so it warms up and captures again."""
+        self.steps_seen, self.graph, self.failed, self.static_batches, self.outputs = 0, None, False, None, None
+
     @property
     def replayed(self) -> bool:
         """Whether the step just run came from the captured graph (the log records it per step)."""
@@ -88,19 +95,26 @@ class GraphedStep:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
+        failure = None
         try:
             with torch.cuda.graph(graph):
                 self.outputs = self.eager_step(self.static_batches, zero_grads=False)
             if self.outputs[2]:
                 raise ValueError(f"the loss reports metrics {sorted(self.outputs[2])}, which a replay would not update")
         except Exception as error:  # noqa: BLE001 - any capture failure: keep training, eagerly
-            log.warning("CUDA graph capture of the training step failed (%s: %s); continuing eagerly",
-                        type(error).__name__, error)
-            self.failed, self.static_batches, self.outputs = True, None, None
-            self.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            return self.eager_step(batches)
-        self.graph = graph
-        log.info("training step captured in a CUDA graph after %d eager steps", WARMUP)
-        graph.replay()  # capture records the step without running it
-        return self.outputs
+            failure = f"{type(error).__name__}: {error}"
+        if failure is None:
+            self.graph = graph
+            log.info("training step captured in a CUDA graph after %d eager steps", WARMUP)
+            graph.replay()  # capture records the step without running it
+            return self.outputs
+        log.warning("CUDA graph capture of the training step failed (%s); continuing eagerly", failure)
+        # hand back the failed capture's pool (a whole step's activations) before the eager step needs the room;
+        # this runs outside the except block, whose traceback would keep those tensors alive
+        self.failed, self.static_batches, self.outputs = True, None, None
+        del graph
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return self.eager_step(batches)

@@ -8,6 +8,11 @@
         clip to grad_clip; optimizer.step()
         log a JSONL record; evaluate every eval_every steps; checkpoint every save_every steps
 
+On one process, a step that runs out of GPU memory is run again with each micro-batch in two pieces (then four,
+...), down to one sequence per forward: the optimiser step is the same, only its activations are smaller. The
+log line says so, and each later record carries `pieces`. Several processes stop with advice instead (one
+rank cannot retry alone).
+
 The model is held whole by one process and FSDP2-sharded by several (`distill.sharding`). A
 checkpoint (`ckpt.pt`, or the sharded `ckpt.dcp/` of several processes, both replaced atomically:
 `distill.train_state`) holds the trainable parameters, the optimiser state, the RNG states and the
@@ -19,7 +24,9 @@ continues from its last checkpoint and ends with the same weights as a run that 
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -37,6 +44,7 @@ from distill.errors import UserError
 from distill.sharding import LossFn, trainee_for
 
 LOG = "log.jsonl"
+log_ = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,19 @@ BatchFn = Callable[[int, int], object]  # (step, micro) -> token ids [micro_batc
 EvalFn = Callable[[], dict]
 
 
+def _pieces(batch, n: int) -> list:
+    """A micro-batch ([rows, seq_len] ids, or a tuple of such tensors) as n row slices (views)."""
+    if n == 1:
+        return [batch]
+    if isinstance(batch, tuple):
+        return list(zip(*(t.tensor_split(n) for t in batch)))
+    return list(batch.tensor_split(n))
+
+
+def _rows(batch) -> int:
+    return (batch[0] if isinstance(batch, tuple) else batch).shape[0]
+
+
 def _clip(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip the gradients' global norm (over all shards); returns the norm before clipping."""
     if not max_norm:
@@ -169,19 +190,25 @@ def train(
     optimizer = make_optimizer(trainee.param_groups(param_groups), cfg, capturable=graphed)
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
+    pieces = 1  # forwards per micro-batch: doubled after each out-of-memory error (one process)
+
     def one_step(batches: list, zero_grads: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Forward and backward of every micro-batch, clipping, AdamW: (mean loss, gradient norm) on the
-        device — read once per step, no host sync per micro-batch — and the loss's metrics."""
+        """Forward and backward of every micro-batch (in `pieces` row slices), clipping, AdamW: (mean loss,
+        gradient norm) on the device — read once per step, no host sync per forward — and the loss's metrics.
+        A slice's loss counts by its share of the step's rows: every row has seq_len tokens, so the step's
+        loss and gradient are the same however the rows are cut."""
         totals: dict[str, float] = {}
         loss_sum = torch.zeros((), device=runtime.device)
-        for micro, batch in enumerate(batches):
-            trainee.sync_gradients(micro == accum - 1)
+        forwards = [(piece, accum * _rows(batch) / _rows(piece))  # (rows, divisor of their mean loss)
+                    for batch in batches for piece in _pieces(batch, pieces)]
+        for i, (piece, divisor) in enumerate(forwards):
+            trainee.sync_gradients(i == len(forwards) - 1)
             with runtime.autocast(cache_weights=not graphed):
-                loss, metrics = trainee.loss(batch)
-            (loss / accum).backward()
-            loss_sum += loss.detach().float() / accum
+                loss, metrics = trainee.loss(piece)
+            (loss / divisor).backward()
+            loss_sum += loss.detach().float() / divisor
             for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / accum
+                totals[key] = totals.get(key, 0.0) + value / divisor
         grad_norm = _clip(params, cfg.grad_clip).to(loss_sum)
         optimizer.step()
         if zero_grads:
@@ -189,6 +216,32 @@ def train(
         return loss_sum, grad_norm, totals
 
     step_fn = GraphedStep(one_step, optimizer) if graphed else one_step
+
+    def run_step(batches: list) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """step_fn, run again in smaller forwards while the GPU runs out of memory."""
+        nonlocal pieces
+        while True:
+            try:
+                return step_fn(batches)
+            except torch.OutOfMemoryError as error:
+                rows = -(-cfg.micro_batch // pieces)
+                if runtime.world > 1 or rows == 1:
+                    advice = "lower micro_batch, " if runtime.world > 1 else ""
+                    raise UserError(
+                        f"{name}: out of GPU memory at {rows} sequence(s) of {cfg.seq_len} tokens per forward on "
+                        f"{runtime.world} process(es); {advice}turn on parallel.activation_checkpointing, or lower "
+                        "seq_len") from error
+            # out of the except block: the error's traceback no longer pins the failed step's activations
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            pieces = min(2 * pieces, cfg.micro_batch)
+            if graphed:
+                step_fn.restart()  # new shapes: warm up and capture again
+            log_.warning("%s: out of GPU memory at %d x %d tokens per forward; running each micro-batch of %d as %d "
+                         "forwards of %d (the same optimiser step, smaller activations)", name, rows, cfg.seq_len,
+                         cfg.micro_batch, pieces, -(-cfg.micro_batch // pieces))
+
     settings = asdict(cfg)
 
     start, elapsed, wall_before = 0, 0.0, 0.0
@@ -222,7 +275,7 @@ def train(
         for group in optimizer.param_groups:
             _set_lr(group, group["base_lr"] * factor)
         batches = [_to_device(get_batch(step, micro), runtime.device) for micro in range(accum)]
-        loss_sum, grad_norm, totals = step_fn(batches)
+        loss_sum, grad_norm, totals = run_step(batches)
         totals = dict(totals)
         totals["loss"], grad_norm = (float(x) for x in torch.stack([loss_sum, grad_norm]).tolist())
 
@@ -234,6 +287,8 @@ def train(
                       tok_per_s=tokens_per_step / seconds, elapsed_s=round(elapsed, 3))
         if graphed:
             record["replayed"] = step_fn.replayed
+        if pieces > 1:
+            record["pieces"] = pieces
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
             trainee.publish()
             model.eval()

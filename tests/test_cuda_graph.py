@@ -70,3 +70,33 @@ def test_replayed_stage2_steps_train_as_launched_steps(tmp_path: Path):
     apart = sum((weights[True][n] - weights[False][n]).norm() ** 2 for n in initial) ** 0.5
     assert apart < 0.05 * moved, (float(apart), float(moved))
     assert all(torch.isfinite(w).all() for w in weights[True].values())
+
+
+@needs_cuda
+def test_a_graphed_step_out_of_memory_captures_again_in_smaller_forwards(tmp_path: Path):
+    """A loss that "runs out of memory" above 3 rows a forward, micro-batches of 8: the first warm-up step
+    fails, the loop halves the forwards twice, then warms up and captures at the new shapes. The run ends
+    replayed, at the weights of micro-batches of 2 launched step by step."""
+    cuda = torch.device("cuda")
+    data = torch.randn(WARMUP * 3 + 6, 8, 16, device=cuda)
+    weights = {}
+    for micro, graphed, max_rows in ((2, False, None), (8, True, 3)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).to(cuda)
+
+        def loss_fn(m, batch, max_rows=max_rows):
+            if max_rows is not None and batch.shape[0] > max_rows:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return (m(batch) - batch.sum(-1, keepdim=True)).pow(2).mean(), {}
+
+        def batch(step, i, micro=micro):
+            return data[step, i * micro : (i + 1) * micro]
+
+        runtime = Runtime(device=cuda, parallel=ParallelConfig(cuda_graph="on" if graphed else "off"))
+        cfg = TrainConfig(steps=len(data), seq_len=1, batch=8, micro_batch=micro, lr=1e-2, save_every=0)
+        log = train("t", model, [{"params": list(model.parameters()), "lr": 1e-2, "name": "all"}], loss_fn, batch,
+                    cfg, tmp_path / f"m{micro}", runtime, show_progress=False)
+        weights[graphed] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        if graphed:
+            assert log[-1]["replayed"] and log[-1]["pieces"] == 4
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-4, atol=1e-5)

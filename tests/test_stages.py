@@ -195,6 +195,44 @@ def test_cosine_schedule_endpoints():
     assert lr_factor(TrainConfig(steps=10, schedule="constant"), 9) == 1.0
 
 
+def _train_linear(tmp_path, micro_batch: int, max_rows: int | None = None) -> tuple[torch.nn.Module, list[dict]]:
+    """3 steps of 8 rows on a float64 linear model; the loss "runs out of memory" past max_rows rows a forward."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1).double()
+    data = torch.randn(3, 8, 8, dtype=torch.float64)
+    cfg = TrainConfig(steps=3, seq_len=1, batch=8, micro_batch=micro_batch, lr=1e-2, save_every=0)
+
+    def loss_fn(model, x):
+        if max_rows is not None and x.shape[0] > max_rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return (model(x) - x.sum(-1, keepdim=True)).pow(2).mean(), {}
+
+    def get_batch(step, micro):
+        return data[step, micro * micro_batch : (micro + 1) * micro_batch]
+
+    train("t", model, [{"params": list(model.parameters()), "lr": 1e-2}], loss_fn, get_batch, cfg,
+          tmp_path / f"m{micro_batch}-{max_rows}", CPU, show_progress=False)
+    return model, read_log(tmp_path / f"m{micro_batch}-{max_rows}")
+
+
+def test_a_step_out_of_memory_runs_again_in_smaller_forwards_to_the_same_weights(tmp_path, caplog):
+    """Micro-batches of 8 rows when only 3 fit: the loop halves twice (8 -> 4 -> 2 rows a forward) and trains to
+    the weights of micro-batches of 2, losses included; the log says so."""
+    reference, ref_log = _train_linear(tmp_path, micro_batch=2)
+    with caplog.at_level("WARNING", logger="distill.train"):
+        split, log = _train_linear(tmp_path, micro_batch=8, max_rows=3)
+    assert [r["pieces"] for r in log] == [4, 4, 4]
+    assert "running each micro-batch of 8 as 4 forwards of 2" in caplog.text
+    for p, q in zip(reference.parameters(), split.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in ref_log], rel=1e-12)
+
+
+def test_out_of_memory_at_one_sequence_a_forward_names_the_remedies(tmp_path):
+    with pytest.raises(UserError, match="out of GPU memory at 1 sequence.*activation_checkpointing.*seq_len"):
+        _train_linear(tmp_path, micro_batch=2, max_rows=0)
+
+
 def test_training_loop_resumes_to_identical_weights(tmp_path):
     """3 steps + resume for 3 more (a fresh model and optimiser, as after a restart) == 6 straight steps; the
     log's wall clock continues across the restart instead of starting again."""
