@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Issue 14's open GPU measurements in one device call (carry [".whl"]), most important first, so a call cut off at
 # its limit still returns the front of the list under $OUT:
+#   0. tests/test_cuda_graph.py on the GPU (~20 s): replayed steps train as launched ones, and a step that runs
+#      out of memory is captured again in smaller forwards (distill/train.py, since the tenth session);
 #   1. peak memory at the `paper` preset's micro-batches for the Qwen2.5-1.5B shape, with the defaults: Stage 1
-#      32 x 512 (stacked; on 2026-12-06 its stacked step ran out of memory at 4 x 4096 on an H100, before the
-#      torch GDN backward parts ran over batch slices, kernels/gdn_fla.py), Stage 2 4 x 4096;
+#      32 x 512, Stage 2 4 x 4096. On 2026-12-06 (tenth session, H100) both ran out of memory: Stage 1's eager
+#      steps fit (the batch slices of kernels/gdn_fla.py) but its CUDA-graph capture did not, and the eager
+#      fallback then failed too, the failed capture's pool still held; Stage 2's eager step did not fit. Since
+#      then the fallback frees the pool and the loop reruns a step that runs out of memory in smaller forwards
+#      (the rows' `pieces` and `peak_mem_timed_gib` say how it ran);
 #   2. which tensors the cast kernels of SmolLM2's step copy (the 2026-12-06 steady profile,
 #      bench/results/train_throughput_profile_steady_h100.md, names dtype casts among the last 5 %): one step
 #      compiled but not replayed, so its aten ops show, with the copies grouped by input shape;
@@ -18,6 +23,7 @@ quiet() { grep -v "it/s\|s/it\|step/s\|s/step"; }
 if [ "${SMOL_TABLE:-0}" = 1 ]; then
   MODES="plain stack+compile+graph" QWEN=0 SMOL_LIMIT=${SMOL_LIMIT:-220} bash scripts/gpu_train_throughput.sh
 fi
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -3 | tee "$OUT/cuda_graph_tests.log"
 QWEN="python3 bench/train_throughput.py --shape qwen2.5-1.5b --out $OUT/train_throughput_memory.jsonl --steps 1
   --warmup 1 --label paper-preset-micro-batch"
 timeout "${MEMORY_LIMIT:-200}" $QWEN --stages 1 --seq 512 --micro-batch 32 2>&1 | quiet | tee "$OUT/memory.log"
