@@ -2,7 +2,9 @@
 # Issue 14's open GPU measurements in one device call (carry [".whl"]), most important first, so a call cut off at
 # its limit still returns the front of the list under $OUT:
 #   0. tests/test_cuda_graph.py on the GPU (~20 s): replayed steps train as launched ones, and a step that runs
-#      out of memory is captured again in smaller forwards (distill/train.py, since the tenth session);
+#      out of memory is captured again in smaller forwards (distill/train.py, since the tenth session); then
+#      (SMOL_TABLE=1, the default) the SmolLM2 plain-vs-switches table against the targets, the first since the
+#      softmax attention (its rotary embedding: ~10 ms of eager elementwise work per Stage-1 step) is compiled too;
 #   1. peak memory at the `paper` preset's micro-batches for the Qwen2.5-1.5B shape, with the defaults: Stage 1
 #      32 x 512, Stage 2 4 x 4096. On 2026-12-06 (tenth session, H100) both ran out of memory: Stage 1's eager
 #      steps fit (the batch slices of kernels/gdn_fla.py) but its CUDA-graph capture did not, and the eager
@@ -13,17 +15,17 @@
 #      bench/results/train_throughput_profile_steady_h100.md, names dtype casts among the last 5 %): one step
 #      compiled but not replayed, so its aten ops show, with the copies grouped by input shape;
 #   3. STEADY=1: the replayed step under the profiler again (every switch on), e.g. after a change to the step.
-# SMOL_TABLE=1 first reruns the SmolLM2 plain-vs-switches table (scripts/gpu_train_throughput.sh, the CUDA-graph
-# check included). Done and recorded in bench/results/train_throughput.md: the steady profile, the Qwen shape's
+# SMOL_TABLE=0 skips that table (scripts/gpu_train_throughput.sh, ~220 s, the CUDA-graph tests included). Done and recorded in bench/results/train_throughput.md: the steady profile, the Qwen shape's
 # Stage 2 with the switches; the correctness cases (scripts/gpu_gdn_rest.sh): bench/results/gdn_correctness.md.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 source scripts/gpu_env.sh
 quiet() { grep -v "it/s\|s/it\|step/s\|s/step"; }
-if [ "${SMOL_TABLE:-0}" = 1 ]; then
+if [ "${SMOL_TABLE:-1}" = 1 ]; then
   MODES="plain stack+compile+graph" QWEN=0 SMOL_LIMIT=${SMOL_LIMIT:-220} bash scripts/gpu_train_throughput.sh
+else
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -3 | tee "$OUT/cuda_graph_tests.log"
 fi
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -3 | tee "$OUT/cuda_graph_tests.log"
 QWEN="python3 bench/train_throughput.py --shape qwen2.5-1.5b --out $OUT/train_throughput_memory.jsonl --steps 1
   --warmup 1 --label paper-preset-micro-batch"
 timeout "${MEMORY_LIMIT:-200}" $QWEN --stages 1 --seq 512 --micro-batch 32 2>&1 | quiet | tee "$OUT/memory.log"
