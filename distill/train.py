@@ -44,7 +44,7 @@ from distill.errors import UserError
 from distill.sharding import LossFn, trainee_for
 
 LOG = "log.jsonl"
-log_ = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,8 @@ def train(
         loss and gradient are the same however the rows are cut."""
         totals: dict[str, float] = {}
         loss_sum = torch.zeros((), device=runtime.device)
-        forwards = [(piece, accum * _rows(batch) / _rows(piece))  # (rows, divisor of their mean loss)
+        # (a slice of rows, what its mean loss is divided by)
+        forwards = [(piece, accum * _rows(batch) / _rows(piece))
                     for batch in batches for piece in _pieces(batch, pieces)]
         for i, (piece, divisor) in enumerate(forwards):
             trainee.sync_gradients(i == len(forwards) - 1)
@@ -238,7 +239,7 @@ def train(
             pieces = min(2 * pieces, cfg.micro_batch)
             if graphed:
                 step_fn.restart()  # new shapes: warm up and capture again
-            log_.warning("%s: out of GPU memory at %d x %d tokens per forward; running each micro-batch of %d as %d "
+            logger.warning("%s: out of GPU memory at %d x %d tokens per forward; running each micro-batch of %d as %d "
                          "forwards of %d (the same optimiser step, smaller activations)", name, rows, cfg.seq_len,
                          cfg.micro_batch, pieces, -(-cfg.micro_batch // pieces))
 
@@ -301,7 +302,8 @@ def train(
             with open(work_dir / LOG, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
-            trainee.save(work_dir, optimizer, done, {"elapsed": elapsed, "wall": record["wall_s"], "settings": settings})
+            trainee.save(work_dir, optimizer, done,
+                         {"elapsed": elapsed, "wall": record["wall_s"], "settings": settings})
         runtime.barrier()
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}")

@@ -25,8 +25,8 @@ from kernels.compiled import compiled
 
 
 def set_compiled(model: nn.Module, on: bool) -> int:
-    """Compile (or stop compiling) the norms, MLPs, softmax attentions and GDN chains of a teacher or hybrid; returns how many
-    modules it set. Compilation happens lazily, at a class's first call per input shape.
+    """Compile (or stop compiling) the norms, MLPs, softmax attentions and GDN chains of a teacher or hybrid;
+    returns how many modules it set. Compilation happens lazily, at a class's first call per input shape.
 
     A module's compiled forward is its class's compiled function bound by `functools.partial`, which a
     deep copy rebinds to the copy (`nn.Module.compile` binds the instance in a closure: a copy of such a
