@@ -13,10 +13,11 @@ once. What that needs from the step, and how it is met:
   the last of them on a side stream as the capture will;
 - autocast without its weight-cast cache (a cached cast would be captured once and never refreshed).
 
-One process only (FSDP's collectives are not captured here). If capture fails, the stage logs why, frees what
-the capture held, and continues eagerly (a capture that runs out of memory then leaves the eager step the room
-it had in the warm-up). On by default for one CUDA process (`parallel.cuda_graph=auto`): with `parallel.compile` it
-took the SmolLM2 Stage 1 from 64.9K to 160.7K tokens/s and Stage 2 from 42.5K to 104.6K on an H200
+One process only (FSDP's collectives are not captured here). If capture fails, the stage logs why, gives back
+what the failed capture held (its memory pool, stream and random-number generator: `_abandon_capture`), and
+continues eagerly (a capture that runs out of memory then leaves the eager step the room it had in the warm-up).
+On by default for one CUDA process (`parallel.cuda_graph=auto`): with `parallel.compile` it took the SmolLM2
+Stage 1 from 64.9K to 160.7K tokens/s and Stage 2 from 42.5K to 104.6K on an H200
 (bench/results/train_throughput.md, 2026-12-06).
 """
 
@@ -43,6 +44,29 @@ def _copy_into(static, batch) -> None:
             s.copy_(b, non_blocking=True)
     else:
         static.copy_(batch, non_blocking=True)
+
+
+def _abandon_capture(pool: tuple, stream: torch.cuda.Stream) -> None:
+    """Undo what a capture that never ended leaves behind. torch cleans up in `capture_end` only when the capture
+    ends well (`torch.cuda.graph.__exit__`); otherwise the process keeps running on the capture's stream, the
+    capture's memory pool (a step's activations' worth) is never released, and the device's random-number
+    generator stays in the capture, so every later random op fails: "Offset increment outside graph capture
+    encountered unexpectedly" (H100, torch 2.11, 2026-12-06). Each repair is best effort: a torch that cleaned up
+    already refuses it."""
+    device = torch.cuda.current_device()
+    torch.cuda.set_stream(stream)
+    generator = torch.cuda.default_generators[device]
+    repairs = {
+        "stop allocating into the capture's pool": lambda: torch._C._cuda_endAllocateToPool(device, pool),
+        "release the capture's pool": lambda: torch._C._cuda_releasePool(device, pool),
+        # a clone of the generator's state (same seed and offset) belongs to no capture
+        "take the generator out of the capture": lambda: generator.graphsafe_set_state(generator.clone_state()),
+    }
+    for what, repair in repairs.items():
+        try:
+            repair()
+        except (RuntimeError, AttributeError) as error:
+            log.debug("after the failed capture, could not %s: %s", what, error)
 
 
 class GraphedStep:
@@ -95,10 +119,12 @@ class GraphedStep:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
-        failure = None
+        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.current_stream()
+        failure, ended = None, False
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=pool):
                 self.outputs = self.eager_step(self.static_batches, zero_grads=False)
+            ended = True
             if self.outputs[2]:
                 raise ValueError(f"the loss reports metrics {sorted(self.outputs[2])}, which a replay would not update")
         except Exception as error:  # noqa: BLE001 - any capture failure: keep training, eagerly
@@ -112,6 +138,8 @@ class GraphedStep:
         # hand back the failed capture's pool (a whole step's activations) before the eager step needs the room;
         # this runs outside the except block, whose traceback would keep those tensors alive
         self.failed, self.static_batches, self.outputs = True, None, None
+        if not ended:
+            _abandon_capture(pool, stream)
         del graph
         self.optimizer.zero_grad(set_to_none=True)
         gc.collect()

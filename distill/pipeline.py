@@ -218,7 +218,7 @@ class Session:
 def describe_training_step(runtime: Runtime) -> dict[str, str]:
     """How a training step runs here, beyond the GDN path: one line per speed switch, with how to flip it."""
     return {
-        "elementwise work (norms, MLPs, softmax attention's rotary, the GDN conv/gate chain)":
+        "elementwise work (norms, MLPs, the GDN conv/gate chain)":
             "compiled (torch.compile)" if runtime.uses("compile") else "eager (parallel.compile=on compiles it)",
         "optimiser steps":
             f"replayed from a CUDA graph after {GRAPH_WARMUP} eager ones" if runtime.uses("cuda_graph")

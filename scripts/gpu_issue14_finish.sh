@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Issue 14's open GPU measurements in one device call (carry [".whl"]), most important first, so a call cut off at
 # its limit still returns the front of the list under $OUT:
-#   0. tests/test_cuda_graph.py on the GPU (~20 s): replayed steps train as launched ones, and a step that runs
-#      out of memory is captured again in smaller forwards (distill/train.py, since the tenth session); then
-#      (SMOL_TABLE=1, the default) the SmolLM2 plain-vs-switches table against the targets, the first since the
-#      softmax attention (its rotary embedding: ~10 ms of eager elementwise work per Stage-1 step) is compiled too;
+#   0. tests/test_cuda_graph.py on the GPU (~20 s): replayed steps train as launched ones, a step that runs out
+#      of memory is captured again in smaller forwards, and a capture that fails leaves the stream, the memory
+#      pool and the random-number generator usable (distill/cuda_graph.py's `_abandon_capture`, eleventh
+#      session); then (SMOL_TABLE=1, the default) the SmolLM2 plain-vs-switches table against the targets. On
+#      2026-12-06 (eleventh session, H100) every capture of that table failed while `parallel.compile` also
+#      compiled the softmax attention; that compile is reverted, and this table is the check that capture works;
 #   1. peak memory at the `paper` preset's micro-batches for the Qwen2.5-1.5B shape, with the defaults: Stage 1
 #      32 x 512, Stage 2 4 x 4096. On 2026-12-06 (tenth session, H100) both ran out of memory: Stage 1's eager
 #      steps fit (the batch slices of kernels/gdn_fla.py) but its CUDA-graph capture did not, and the eager
 #      fallback then failed too, the failed capture's pool still held; Stage 2's eager step did not fit. Since
-#      then the fallback frees the pool and the loop reruns a step that runs out of memory in smaller forwards
-#      (the rows' `pieces` and `peak_mem_timed_gib` say how it ran);
+#      then the fallback releases the pool (torch never does after a failed capture) and the loop reruns a step
+#      that runs out of memory in smaller forwards (the rows' `pieces` and `peak_mem_timed_gib` say how it ran);
 #   2. which tensors the cast kernels of SmolLM2's step copy (the 2026-12-06 steady profile,
 #      bench/results/train_throughput_profile_steady_h100.md, names dtype casts among the last 5 %): one step
 #      compiled but not replayed, so its aten ops show, with the copies grouped by input shape;

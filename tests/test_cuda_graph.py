@@ -100,3 +100,32 @@ def test_a_graphed_step_out_of_memory_captures_again_in_smaller_forwards(tmp_pat
         if graphed:
             assert log[-1]["replayed"] and log[-1]["pieces"] == 4
     torch.testing.assert_close(weights[True], weights[False], rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_a_failed_capture_continues_eagerly_and_leaves_random_numbers_working(tmp_path: Path):
+    """A loss that reads a value on the host (legal eagerly, not while capturing): the capture fails, the
+    stage continues launched step by step to the weights of a run without graphs, back on the default stream,
+    and the device's generator works afterwards (torch leaves both in the failed capture)."""
+    cuda = torch.device("cuda")
+    data = torch.randn(WARMUP + 4, 4, 16, device=cuda)
+    weights = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).to(cuda)
+
+        def loss_fn(m, batch):
+            loss = (m(batch) - batch.sum(-1, keepdim=True)).pow(2).mean()
+            loss.item()  # a host sync: legal eagerly, refused while capturing
+            return loss, {}
+
+        runtime = Runtime(device=cuda, parallel=ParallelConfig(cuda_graph="on" if graphed else "off"))
+        cfg = TrainConfig(steps=len(data), seq_len=1, batch=4, micro_batch=4, lr=1e-2, save_every=0)
+        log = train("t", model, [{"params": list(model.parameters()), "lr": 1e-2, "name": "all"}], loss_fn,
+                    lambda step, micro: data[step], cfg, tmp_path / f"g{graphed}", runtime, show_progress=False)
+        weights[graphed] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        if graphed:
+            assert not any(r["replayed"] for r in log)
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-4, atol=1e-5)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not the failed capture's stream
+    assert torch.isfinite(torch.randn(1000, device=cuda)).all()

@@ -2,15 +2,10 @@
 
 A training step of a small model is launch-bound: the GEMMs are ~10 % of its GPU time, the rest is
 casts, norms, gates and the mixer's conv/SiLU/l2norm chain, ~80 kernels per layer
-(bench/results/train_throughput_profile.md). Compiled, each RMSNorm, MLP, softmax attention and gated
-norm class's forward becomes one graph shared by every layer (torch.compile caches per code object; the
-weights are inputs), and the GDN mixer's chain between its projections and the delta rule one fused
-kernel. The delta rule itself stays fla's Triton (or our torch) code, called between compiled graphs.
-
-The softmax attention (the teacher's every layer, and a hybrid's softmax layers) is compiled for its rotary
-embedding: transformers applies it as `cat` + four `mul` + two `add` per layer, eager, about 10 ms of a
-SmolLM2 Stage-1 step of ~115 ms on an H100 (bench/results/train_throughput.md, tenth session), which the
-compiled graph fuses into one kernel. Its attention kernel stays the SDPA the model asked for.
+(bench/results/train_throughput_profile.md). Compiled, each RMSNorm, MLP and gated norm class's
+forward becomes one graph shared by every layer (torch.compile caches per code object; the weights
+are inputs), and the GDN mixer's chain between its projections and the delta rule one fused kernel.
+The delta rule itself stays fla's Triton (or our torch) code, called between compiled graphs.
 """
 
 from __future__ import annotations
@@ -25,8 +20,8 @@ from kernels.compiled import compiled
 
 
 def set_compiled(model: nn.Module, on: bool) -> int:
-    """Compile (or stop compiling) the norms, MLPs, softmax attentions and GDN chains of a teacher or hybrid;
-    returns how many modules it set. Compilation happens lazily, at a class's first call per input shape.
+    """Compile (or stop compiling) the norms, MLPs and GDN chains of a teacher or hybrid; returns how many
+    modules it set. Compilation happens lazily, at a class's first call per input shape.
 
     A module's compiled forward is its class's compiled function bound by `functools.partial`, which a
     deep copy rebinds to the copy (`nn.Module.compile` binds the instance in a closure: a copy of such a
@@ -35,7 +30,7 @@ def set_compiled(model: nn.Module, on: bool) -> int:
     compiled_classes: tuple[type, ...] = (GatedRMSNorm,)
     if config is not None:
         fam = family(getattr(config, "teacher_model_type", None) or config.model_type)
-        compiled_classes += (fam.norm, fam.mlp, fam.attention)
+        compiled_classes += (fam.norm, fam.mlp)
     changed = 0
     for module in model.modules():
         if isinstance(module, GatedDeltaNet):
