@@ -21,8 +21,8 @@ Each --gdn-backends entry (kernels.gdn.GDN_BACKENDS; "torch" = the pure-torch ch
 what `hybrid convert` runs) measures both stages with that GDN path set on the student explicitly, once
 per --modes entry: 'auto' (what `hybrid convert` runs here), 'plain' (every mixer of Stage 1 in turn,
 every op eager, every kernel launched) or switches joined by '+': stack (Stage 1's mixers as one batched
-computation), compile (norms, MLPs and the GDN chain compiled), graph (each optimiser
-step replayed from a CUDA graph after the warm-up steps).
+computation), compile (norms, MLPs and the GDN chain compiled), graph (each optimiser step replayed from a
+CUDA graph after the warm-up steps).
 --baseline adds plain fine-tuning of the teacher architecture (next-token cross-entropy, all
 parameters, the same AdamW, clipping and bf16 autocast as our loop) in the same process.
 """

@@ -135,8 +135,8 @@ class GraphedStep:
             graph.replay()  # capture records the step without running it
             return self.outputs
         log.warning("CUDA graph capture of the training step failed (%s); continuing eagerly", failure)
-        # hand back the failed capture's pool (a whole step's activations) before the eager step needs the room;
-        # this runs outside the except block, whose traceback would keep those tensors alive
+        # give the failed capture's memory back before the eager step needs the room; outside the except block,
+        # whose traceback would keep the captured step's tensors alive
         self.failed, self.static_batches, self.outputs = True, None, None
         if not ended:
             _abandon_capture(pool, stream)
