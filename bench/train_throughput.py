@@ -281,7 +281,12 @@ def main() -> None:
     peak = peak_flops(device_name)
     softmax = uniform_softmax_layers(L, k_from_ratio(args.ratio, L))
 
+    timed_peak: list[int] = []  # bytes, the last stage's timed steps only (filled by after_warmup's reset)
+    untimed_peak: list[int] = []  # bytes, the last stage's untimed steps (the reset would lose them)
+
     def reset_memory() -> None:
+        timed_peak.clear()
+        untimed_peak.clear()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -299,7 +304,7 @@ def main() -> None:
             "gdn_backend": backend, "gdn_path": describe_gdn_backend(resolve_gdn_backend(backend, runtime.device, torch.bfloat16)) if backend else None,
             "softmax_layers": softmax if what == "stage2" else None, "timed_steps": len(timed), "tok_per_s": round(tok_s),
             "model_gflop_per_token": round(flops / 1e9, 3), "mfu": round(flops * tok_s / peak, 4) if peak else None,
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "peak_mem_gib": round(max(untimed_peak + [torch.cuda.max_memory_allocated()]) / 2**30, 2) if cuda else None,
             # the timed steps' own peak: after an out-of-memory retry the whole-stage peak is the failed attempt's
             "peak_mem_timed_gib": round(timed_peak[0] / 2**30, 2) if cuda and timed_peak else None,
             "pieces": log[-1].get("pieces", 1),
@@ -323,20 +328,24 @@ def main() -> None:
                                       schedule="constant", save_every=0))
         return s1, s2
 
-    timed_peak: list[int] = []  # bytes, the last stage's timed steps only (filled by after_warmup's reset)
-
     def after_warmup(rt):
-        """after_step hook: start counting peak memory again once the untimed steps are done."""
-        timed_peak.clear()
+        """after_step hook: start counting peak memory again once the untimed steps are done.
+
+        A replayed step allocates nothing: its activations live in the CUDA graph's private pool, which the
+        allocator counts as reserved, never as allocated. So with a graph the timed peak is the memory reserved
+        (the cache emptied first, so only live tensors and the graph's pool remain)."""
+        graphed = rt.uses("cuda_graph")
 
         def hook(done: int) -> None:
             if not cuda:
                 return
             if done == warmup_of(rt):
                 torch.cuda.synchronize()
+                untimed_peak[:] = [torch.cuda.max_memory_allocated()]
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             elif done > warmup_of(rt):
-                timed_peak[:] = [torch.cuda.max_memory_allocated()]
+                timed_peak[:] = [torch.cuda.max_memory_reserved() if graphed else torch.cuda.max_memory_allocated()]
         return hook
 
     def warmup_of(rt) -> int:

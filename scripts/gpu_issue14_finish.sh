@@ -6,7 +6,8 @@
 #      pool and the random-number generator usable (distill/cuda_graph.py's `_abandon_capture`, eleventh
 #      session); then (SMOL_TABLE=1, the default) the SmolLM2 plain-vs-switches table against the targets. On
 #      2026-12-06 (eleventh session, H100) every capture of that table failed while `parallel.compile` also
-#      compiled the softmax attention; that compile is reverted, and this table is the check that capture works;
+#      compiled the softmax attention; with that compile reverted, the twelfth session's table replayed every
+#      step again (bench/results/train_throughput.md);
 #   1. peak memory at the `paper` preset's micro-batches for the Qwen2.5-1.5B shape, with the defaults: Stage 1
 #      32 x 512, Stage 2 4 x 4096. On 2026-12-06 (tenth session, H100) both ran out of memory: Stage 1's eager
 #      steps fit (the batch slices of kernels/gdn_fla.py) but its CUDA-graph capture did not, and the eager
