@@ -49,10 +49,13 @@ def merge(into: ModelReport, other: ModelReport) -> None:
     into.recall += [r for r in other.recall if (r.task, r.context) not in seen]
     for task, metrics in other.lm_eval.items():
         into.lm_eval.setdefault(task, metrics)
+    into.trained_tokens = into.trained_tokens or other.trained_tokens
 
 
-def training_cost(run_dir: Path, name: str) -> tuple[int | None, float | None]:
+def training_cost(run_dir: Path, name: str, model: ModelReport | None = None) -> tuple[int | None, float | None]:
     """(Stage-2 tokens, Stage-2 seconds) of hybrid NAME from the run's logs, None where they are not there.
+    The tokens are the checkpoint's own count where `hybrid eval` recorded it (`trained_tokens`: every
+    Stage 2 it had, `hybrid distill --from` included); the seconds are those of the last Stage 2's log.
 
     The seconds are the log's `wall_s` (the stage's time with its evals, summed over resumed attempts). Logs
     written before it existed give the metrics file's stage time, which covers only the attempt that finished:
@@ -62,13 +65,14 @@ def training_cost(run_dir: Path, name: str) -> tuple[int | None, float | None]:
     if log.is_file():
         lines = [line for line in log.read_text().splitlines() if line.strip()]
         last = json.loads(lines[-1]) if lines else {}
+    tokens = (model.trained_tokens.get("stage2") if model is not None else None) or last.get("tokens")
     if "wall_s" in last:
-        return last.get("tokens"), last["wall_s"]
+        return tokens, last["wall_s"]
     metrics = run_dir / f"metrics-hybrid-{name}.json"
     seconds = json.loads(metrics.read_text()).get("seconds", {}).get(STAGE2_SECONDS) if metrics.is_file() else None
     if last.get("elapsed_s") is not None:
         seconds = max(seconds or 0.0, last["elapsed_s"])
-    return last.get("tokens"), seconds
+    return tokens, seconds
 
 
 def load_rows(root: Path) -> list[Row]:
@@ -85,7 +89,7 @@ def load_rows(root: Path) -> list[Row]:
                 merge(rows[key].model, model)
             else:
                 device = report.device.removeprefix("NVIDIA ").split()[0]
-                rows[key] = Row(run, report.date, device, model, *training_cost(path.parent, model.name))
+                rows[key] = Row(run, report.date, device, model, *training_cost(path.parent, model.name, model))
     return list(rows.values())
 
 

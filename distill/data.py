@@ -536,16 +536,19 @@ def load_prepared(path: Path, tokenizer, spec: DataSpec | None = None) -> Packed
 
 @dataclass
 class BlockOrder:
-    """Global sequence i of a run is block perm_{epoch}[i mod n]; each epoch has its own permutation."""
+    """Global sequence i of a run is block perm_{epoch}[i mod n]; each epoch has its own permutation.
+    `first` sequences were taken by an earlier run (a Stage 2 that goes on): this run's sequence i is the
+    order's sequence first + i, so it reads what one longer run would have read next."""
 
     num_blocks: int
     seed: int
+    first: int = 0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def indices(self, start: int, count: int) -> np.ndarray:
         out = np.empty(count, dtype=np.int64)
         for j in range(count):
-            epoch, pos = divmod(start + j, self.num_blocks)
+            epoch, pos = divmod(self.first + start + j, self.num_blocks)
             out[j] = self._perm(epoch)[pos]
         return out
 

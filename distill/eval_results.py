@@ -49,6 +49,7 @@ class ModelReport:
     lm_eval: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
     skipped: dict[str, str] = field(default_factory=dict)  # what was not measured, and why
     warnings: list[str] = field(default_factory=list)  # caveats about what was measured
+    trained_tokens: dict[str, int] = field(default_factory=dict)  # a hybrid's tokens per stage, from its provenance
 
     def recall_score(self, task: str, context: int) -> RecallScore | None:
         return next((r for r in self.recall if r.task == task and r.context == context), None)

@@ -96,8 +96,10 @@ def _model_report(name: str, path: str, role: str, model: nn.Module | None) -> M
     softmax = None
     if config is not None and getattr(config, "model_type", "") == "hybrid_gdn":
         softmax = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+    provenance = getattr(config, "provenance", None) or {}
     return ModelReport(name=name, path=path, role=role, softmax_layers=softmax,
-                       num_layers=getattr(config, "num_hidden_layers", None))
+                       num_layers=getattr(config, "num_hidden_layers", None),
+                       trained_tokens=dict(provenance.get("tokens", {})))
 
 
 def _teacher_spec(req: EvalRequest) -> str | None:

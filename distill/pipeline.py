@@ -303,20 +303,49 @@ def step_stage2(s: Session, stage1: HybridForCausalLM, chosen: list[int], rankin
         s.stage0 = None  # not needed any more
         hybrid = restore_softmax(stage1, s.teacher, chosen)
         s.kl_once("stage 1 (chosen layers softmax)", lambda: hybrid)
-        cfg = s.preset.stage2
-        run_stage2(s.teacher, hybrid, s.data(cfg.train.seq_len, cfg.min_doc_tokens), cfg, s.work_dir / "stage2",
-                   s.runtime, s.eval_set())
         prov = hybrid.config.provenance
-        prov.setdefault("stages", []).append("stage2_distill")
-        prov["tokens"]["stage2"] = cfg.train.tokens
-        if cfg.min_doc_tokens:
-            prov["stage2_min_doc_tokens"] = cfg.min_doc_tokens
         prov["selection"] = {"selector": ranking.selector, "order": ranking.order,
                              "scores": {str(k): v for k, v in ranking.scores.items()}, "metric": ranking.metric}
         prov["softmax_layers"] = chosen
-        s.kl_once("stage 2", lambda: hybrid)
+        _distill(s, hybrid, first_sequence=0)
         s.save_model(hybrid, out)
     return hybrid
+
+
+def step_stage2_more(s: Session, hybrid: HybridForCausalLM, source: Path) -> HybridForCausalLM:
+    """Stage 2 again on a hybrid that has had one (`hybrid distill --from`): its layers and weights, the data
+    order going on after the sequences its Stage 2 trained on, so that two runs of N steps read what one run
+    of 2N steps reads. The optimiser starts afresh: a checkpoint holds no AdamW moments."""
+    out = s.work_dir / "stage2" / "model"
+    if is_done(out):
+        return load_hybrid(out, s.runtime)
+    prov = hybrid.config.provenance
+    if "stage2_distill" not in prov.get("stages", []):
+        raise UserError(f"--from {source}: this hybrid has had no Stage 2 (its provenance lists the stages "
+                        f"{prov.get('stages', [])}); distill an all-linear Stage-1 model with --stage1 instead")
+    first = prov.get("stage2_sequences")
+    if first is None:  # checkpoints before 2026-12-06 recorded the tokens only
+        first = prov["tokens"].get("stage2", 0) // s.preset.stage2.train.seq_len
+        log.info("--from %s records no stage2_sequences; taking %d (its Stage-2 tokens / seq_len)", source, first)
+    with _timed(s, "stage 2 (distill, continued)"):
+        s.kl_once("before (the --from hybrid)", lambda: hybrid)
+        _distill(s, hybrid, first_sequence=first)
+        s.save_model(hybrid, out)
+    return hybrid
+
+
+def _distill(s: Session, hybrid: HybridForCausalLM, first_sequence: int) -> None:
+    """Stage 2's training on `hybrid` in place, from the data order's sequence `first_sequence` on."""
+    cfg = s.preset.stage2
+    run_stage2(s.teacher, hybrid, s.data(cfg.train.seq_len, cfg.min_doc_tokens), cfg, s.work_dir / "stage2",
+               s.runtime, s.eval_set(), first_sequence=first_sequence)
+    prov = hybrid.config.provenance
+    prov.setdefault("stages", []).append("stage2_distill")
+    prov["tokens"]["stage2"] = prov["tokens"].get("stage2", 0) + cfg.train.tokens
+    prov["stage2_sequences"] = first_sequence + cfg.train.steps * cfg.train.batch
+    if cfg.min_doc_tokens:
+        prov["stage2_min_doc_tokens"] = cfg.min_doc_tokens
+    s.kl_once("stage 2", lambda: hybrid)
 
 
 def step_stage3(s: Session, model: HybridForCausalLM) -> HybridForCausalLM:

@@ -70,9 +70,18 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="directory for ranking.json and plots")
     p.set_defaults(func=run_score)
 
-    p = subparsers.add_parser("distill", help="Stage 2: restore softmax in chosen layers, full-vocabulary KL")
+    p = subparsers.add_parser(
+        "distill", help="Stage 2: restore softmax in chosen layers, full-vocabulary KL",
+        description="Stage 2: restore the teacher's softmax attention in the chosen layers of a Stage-1 model "
+                    "(--stage1 with --ranking and --k/--ratio, or --softmax-layers) and distill every parameter "
+                    "on KL(teacher || hybrid); or, with --from, give a hybrid that has had its Stage 2 "
+                    "stage2.train.steps more steps (the same layers; with the same --seed the data order goes "
+                    "on where that run stopped; AdamW starts afresh).")
     _common(p)
-    p.add_argument("--stage1", required=True, type=Path, help="output of `hybrid align`")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--stage1", type=Path, help="output of `hybrid align`")
+    start.add_argument("--from", dest="from_hybrid", type=Path, metavar="HYBRID",
+                       help="output of an earlier `hybrid distill` (or `convert`) to train further")
     p.add_argument("--ranking", type=Path, help="ranking.json (or its directory) from `hybrid score`")
     p.add_argument("--ratio", type=float)
     p.add_argument("--k", type=int)
@@ -216,6 +225,8 @@ def run_distill(args) -> None:
     from distill.selection import Ranking
 
     _check_out(args)
+    if args.from_hybrid is not None:
+        return _distill_further(args)
     if (args.softmax_layers is None) == (args.ranking is None):
         raise UserError("pass either --ranking (with --ratio or --k) or --softmax-layers")
     runtime = _runtime(args)
@@ -236,6 +247,23 @@ def run_distill(args) -> None:
     if runtime.is_main:
         _save_stage_output(s, model, args.out, "stage2")
         print(f"wrote {args.out}: softmax layers {chosen}; held-out KL {s.metrics()['kl']}")
+    _finish(runtime)
+
+
+def _distill_further(args) -> None:
+    from distill.pipeline import load_hybrid, step_stage2_more
+
+    chosen_elsewhere = [f"--{name.replace('_', '-')}" for name in ("ranking", "ratio", "k", "softmax_layers")
+                        if getattr(args, name) is not None]
+    if chosen_elsewhere:
+        raise UserError(f"--from keeps the hybrid's own softmax layers; drop {', '.join(chosen_elsewhere)}")
+    runtime = _runtime(args)
+    s = _session(args, runtime, "distill", {"from": str(args.from_hybrid)})
+    model = step_stage2_more(s, load_hybrid(args.from_hybrid, runtime), args.from_hybrid)
+    if runtime.is_main:
+        _save_stage_output(s, model, args.out, "stage2")
+        print(f"wrote {args.out}: softmax layers {model.config.softmax_layers}, Stage 2 now "
+              f"{model.config.provenance['tokens']['stage2']:,} tokens; held-out KL {s.metrics()['kl']}")
     _finish(runtime)
 
 

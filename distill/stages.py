@@ -235,12 +235,14 @@ def run_stage2(
     get_batch: Callable | None = None,
     name: str = "stage2 distill",
     after_step: Callable[[int], None] | None = None,
+    first_sequence: int = 0,
 ) -> list[dict]:
     """All parameters train on full-vocabulary KL(teacher || student).
 
     get_batch(step, micro) may return (ids, teacher_hidden) pairs computed beforehand (selection
     shares one set among all its candidates); by default batches come from `data` and the teacher
-    runs on each.
+    runs on each, in the data order after its first `first_sequence` sequences (which a Stage 2 this
+    one continues has trained on).
     """
     tcfg = cfg.train
     student.requires_grad_(True)
@@ -252,7 +254,7 @@ def run_stage2(
     run_teacher = teacher_hidden_fn(teacher)
 
     if get_batch is None:
-        order = BlockOrder(len(data.train), tcfg.seed)
+        order = BlockOrder(len(data.train), tcfg.seed, first_sequence)
         accum = tcfg.grad_accum(runtime.world)
 
         def get_batch(step: int, micro: int) -> torch.Tensor:

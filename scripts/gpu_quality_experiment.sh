@@ -13,6 +13,9 @@
 #   eval     carry [.whl]       hybrid eval: teacher + every finished hybrid; rankings and metrics to $OUT
 #                               (TASKS="heldout passkey cloze" with carry [.whl, .whl-eval] adds the lm-eval task
 #                               of bench/recall_cloze.py: names recalled from 250+ tokens back in real prose)
+#   teacher  carry [.whl, .device/smol.gguf.ab, .device/smol.gguf.ac]   joins the GGUF only (a session that
+#                               restores a hybrid instead of running Stage 1)
+#   keep / restore              a hybrid back to this machine and up again (below)
 #
 # Stage 2 at 4K for 32.8M tokens (bench/results/quality_h100/stage2_4k_long/: 438 s on an H100 with start-up and
 # evals, so give it LIMIT=540; save_every=100 keeps a cut-off run resumable by the same phase):
@@ -32,10 +35,49 @@
 # Every step is resumable: a phase cut off by the call's limit continues when the same phase runs again.
 # Budgets: Stage 1 300 x 64 x 512 = 9.8M tokens; GA-S2 candidates 8 x 16 x 1024 = 131K tokens each;
 # Stage 2 300 x 16 x 2048 = 9.8M tokens per hybrid (0.68 epochs of the 14.5M-token mix each).
+#
+# Cosine instead of the constant Stage-2 LR (TAG=4k-cos, `--set stage2.train.schedule=cosine --set
+# stage2.train.warmup_steps=20` on the 4K settings): worse at 32.8M tokens (bench/results/quality_h100/stage2_4k_cos/).
+#
+# A hybrid can outlive the machine (Stage 2 longer than one session's device time): `keep` sends it back in
+# 16 MB pieces, four per call (PART=0, 1, ...; each call's files land under the run tool's files_at: move
+# them, NAME.sha256 with them, to .device/keep/, git-ignored), and in a later session `restore` takes them up
+# again, four per call, before `distill` goes on with FROM=NAME (`hybrid distill --from`: the same layers, the
+# data order where it stopped):
+#   KEEP=hybrid-ga-s2-k8-s0-4k PART=0 bash scripts/gpu_quality_experiment.sh keep      carry [] (then PART=1, ...)
+#   prep; teacher (carry [.whl, .device/smol.gguf.ab, .device/smol.gguf.ac]: the GGUF joined, no Stage 1)
+#   RESTORE=hybrid-ga-s2-k8-s0-4k bash scripts/gpu_quality_experiment.sh restore   carry [4 of .device/keep/*]
+#   FROM=hybrid-ga-s2-k8-s0-4k TAG=more EXTRA="... --set stage2.train.warmup_steps=20" ... distill
+# A 4K SmolLM2 hybrid in bf16 is ~20 pieces: 5 calls each way, against ~260 s for prep and align again.
 set -uo pipefail
-PHASE=${1:?phase: prep | align | score | distill | eval}
+PHASE=${1:?phase: prep | align | teacher | score | distill | eval | keep | restore}
 X=${X:-/root/x}             # DEVICE=cpu X=/tmp/qx EXTRA="--set ..." rehearses the phases on a CPU at toy budgets
 DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-$X/out}
+PIECE=16000000              # bytes: files that come back from the device may not exceed 16 MiB each
+case $PHASE in
+  keep)  # KEEP=NAME PART=i: pieces 4i .. 4i+3 of $X/NAME (tar, split) to $OUT
+    name=${KEEP:?KEEP=NAME of a directory under $X}; dir=$X/keep/$name
+    if [[ ! -f $dir/$name.sha256 ]]; then
+      rm -rf "$dir" && mkdir -p "$dir" || exit 1
+      tar cf - -C "$X" --exclude="*.work" "$name" | split -b $PIECE -d -a 2 - "$dir/$name.tar." || exit 1
+      (cd "$dir" && cat "$name".tar.* | sha256sum | cut -d' ' -f1 > "$name.sha256")
+    fi
+    mkdir -p "$OUT"; pieces=("$dir/$name".tar.*); part=${PART:-0}
+    cp "${pieces[@]:$((4 * part)):4}" "$dir/$name.sha256" "$OUT/" || exit 1
+    echo "$name: ${#pieces[@]} pieces (PART=0..$(( (${#pieces[@]} - 1) / 4 ))), sha256 $(cat "$dir/$name.sha256")"
+    ls -la "$OUT"; exit 0 ;;
+  restore)  # RESTORE=NAME: the carried pieces .device/keep/NAME.tar.* join the ones earlier calls brought
+    name=${RESTORE:?RESTORE=NAME}; dir=$X/incoming/$name
+    mkdir -p "$dir" && cp .device/keep/"$name".tar.* .device/keep/"$name".sha256 "$dir/" 2>/dev/null
+    echo "$name: $(ls "$dir" | grep -c '\.tar\.') pieces here"
+    if [[ -f $dir/$name.sha256 ]] && [[ $(cat "$dir/$name".tar.* | sha256sum | cut -d' ' -f1) == $(cat "$dir/$name.sha256") ]]; then
+      rm -rf "${X:?}/$name" && cat "$dir/$name".tar.* | tar xf - -C "$X" && rm -rf "$dir" && echo "restored $X/$name"
+    else
+      echo "$name: not complete yet (or $name.sha256 not carried yet); carry the rest"
+    fi
+    exit 0 ;;
+esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 # .whl-eval/ (lm-evaluation-harness and what it needs beyond the GPU image, 12 MB; scripts/fetch_eval_wheels.sh)
 if [[ $PHASE == eval ]] && compgen -G ".whl-eval/*.whl" >/dev/null; then
@@ -43,7 +85,6 @@ if [[ $PHASE == eval ]] && compgen -G ".whl-eval/*.whl" >/dev/null; then
     .whl-eval/*.whl || echo ".whl-eval/ not installed: its wheels are for the GPU machine's Python 3.12"
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HYBRID_CACHE=$X/cache TQDM_MININTERVAL=15
-OUT=${OUT:-$X/out}
 mkdir -p "$X" "$OUT" "$X/cache/downloads"
 LIMIT=${LIMIT:-570}   # seconds this call may spend on training before it returns (the call's limit is 600)
 DEADLINE=$(( $(date +%s) + LIMIT ))
@@ -75,6 +116,10 @@ rank() {  # rank SELECTOR [hybrid score args]: skipped where a ranking is there 
   if [[ -f $X/rank-$sel/ranking.json ]]; then echo "ranking $sel: kept $X/rank-$sel/ranking.json"; return 0; fi
   hybrid score "$@" --selector "$sel" --k 8 --out "$X/rank-$sel"
 }
+join_teacher() {
+  cat "$X/smol.gguf.aa" .device/smol.gguf.ab .device/smol.gguf.ac > "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
+  sha256sum "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
+}
 k_of() { python3 -c "import sys; from distill.placement import k_from_ratio; print(k_from_ratio(float(sys.argv[1]), 30))" "$1"; }
 
 case $PHASE in
@@ -89,9 +134,11 @@ case $PHASE in
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla', fla_available(), \
 'pyarrow', pyarrow.__version__, 'huggingface_hub', huggingface_hub.__version__)"
     ;;
+  teacher)
+    join_teacher
+    ;;
   align)
-    cat "$X/smol.gguf.aa" .device/smol.gguf.ab .device/smol.gguf.ac > "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
-    sha256sum "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
+    join_teacher
     hybrid align --out "$X/stage1"
     rank kl-restore --stage1 "$X/stage1"
     ;;
@@ -101,6 +148,10 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla
     rank ablation
     ;;
   distill)
+    if [[ -n ${FROM:-} ]]; then  # a hybrid this machine holds (a distill here, or `restore`), trained further
+      hybrid distill --from "$X/$FROM" --out "$X/$FROM-${TAG:-more}"
+      exit 0
+    fi
     # NAME or NAME@RATIO; NAME is a selector whose ranking phase `score` wrote, or `uniform`
     for spec in ${HYBRIDS:-ga-s2 uniform}; do
       name=${spec%@*}; ratio=0.25; [[ $spec == *@* ]] && ratio=${spec#*@}

@@ -156,6 +156,42 @@ def test_rerun_with_other_settings_is_refused(env, uninterrupted, tmp_path, monk
     assert "belongs to another run: preset" in capsys.readouterr().err
 
 
+def test_distill_from_a_hybrid_reads_the_batches_one_longer_run_reads_next(env, tmp_path, monkeypatch):
+    """`hybrid distill --from`: with every LR 0 no weight moves, so a step's loss names its batch. Two steps,
+    then two more from that output, log the losses of steps 3 and 4 of one four-step run, and the provenance
+    counts all four steps' tokens."""
+    from distill.cli import main
+
+    root, environ = env
+    monkeypatch.setenv("HYBRID_CACHE", environ["HYBRID_CACHE"])
+    torch.set_num_threads(1)
+    common = ["--teacher", str(root / "teacher"), "--data", str(root / "corpus.md"), "--set", "eval_tokens=64",
+              "--set", "stage1.seq_len=32", "--set", "stage1.steps=2", "--set", "stage2.train.seq_len=32",
+              "--set", "stage2.train.lr=0", "--set", "stage2.other_lr=0", "--set", "stage3.seq_len=32",
+              "--set", "score.candidate.train.seq_len=32"]
+    assert main(["align", *common, "--out", str(tmp_path / "s1")]) == 0
+
+    def distill(out: str, steps: int, *start: str) -> list[float]:
+        assert main(["distill", *common, "--set", f"stage2.train.steps={steps}", *start, "--out",
+                     str(tmp_path / out)]) == 0
+        return [json.loads(x)["loss"] for x in (tmp_path / out / "log.jsonl").read_text().splitlines()]
+
+    straight = distill("straight", 4, "--stage1", str(tmp_path / "s1"), "--softmax-layers", "1")
+    distill("half", 2, "--stage1", str(tmp_path / "s1"), "--softmax-layers", "1")
+    more = distill("more", 2, "--from", str(tmp_path / "half"))
+    assert more == pytest.approx(straight[2:], rel=1e-6)
+    assert more[0] != pytest.approx(straight[0], rel=1e-3) and more[1] != pytest.approx(straight[1], rel=1e-3)
+    config = json.loads((tmp_path / "more" / "config.json").read_text())
+    prov = config["provenance"]
+    assert [i for i, t in enumerate(config["layer_types"]) if t == "full_attention"] == prov["softmax_layers"] == [1]
+    assert prov["tokens"]["stage2"] == 4 * 2 * 32 and prov["stage2_sequences"] == 8
+    assert prov["stages"].count("stage2_distill") == 2
+    # the hybrid keeps its layers: choosing others is a user error, as is a model that never had a Stage 2
+    assert main(["distill", *common, "--from", str(tmp_path / "half"), "--softmax-layers", "2",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert main(["distill", *common, "--from", str(tmp_path / "s1"), "--out", str(tmp_path / "y")]) == 2
+
+
 def test_stage_subcommands_chain(env, tmp_path, monkeypatch):
     """align -> score (ga-s1) -> distill (top of the ranking) -> finetune, in-process through the CLI."""
     from distill.cli import main
