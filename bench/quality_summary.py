@@ -9,13 +9,15 @@ logs: `metrics-hybrid-NAME.json`). A model evaluated in several files of one run
 another) is one row. Rows are grouped by the held-out text they were scored on, told apart by the teacher's
 perplexity on it (a changed loader or validation file changes the text): KL and perplexity compare only within a
 group, recall cells (fixed prompts) across groups too. The teacher gets one row per group, with what every run
-measured of it.
+measured of it. With --out, a plot beside the table shows what Stage-2 budget buys: one recall cell (--task,
+--context) and the held-out KL of every hybrid against its Stage-2 tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,10 +170,84 @@ def to_json(groups: list[Group]) -> list[dict]:
              "models": [one(r) for r in ([g.teacher] if g.teacher else []) + g.rows]} for g in groups]
 
 
+@dataclass(frozen=True)
+class BudgetPoint:
+    """One trained hybrid on the budget plot: what it cost, what it kept."""
+
+    selector: str  # the model name up to its "-k<K>": ga-s2-k8, uniform-k8, kl-restore-k8, ...
+    label: str  # the variant the model name adds after its seed (e.g. "4k-longdocs"), else the run
+    text: int  # which held-out text (index of its group): KL compares only within one
+    stage2_tokens: int
+    kl: float | None
+    exact: float | None  # greedy exact match of the plotted recall cell
+
+
+def budget_points(groups: list[Group], task: str, context: int) -> list[BudgetPoint]:
+    """Every hybrid whose Stage-2 tokens are known, with its held-out KL and its `task`@`context` exact match."""
+    points = []
+    for text, group in enumerate(groups):
+        for row in group.rows:
+            if row.stage2_tokens is None:
+                continue
+            cell = row.model.recall_score(task, context)
+            named = re.match(r"(.*?-k\d+)(?:-s\d+)?-?(.*)$", row.model.name)
+            selector, variant = named.groups() if named else (row.model.name, "")
+            label = variant or ("top" if row.run == "." else row.run)
+            points.append(BudgetPoint(selector, label, text, row.stage2_tokens,
+                                      row.model.heldout.kl if row.model.heldout else None,
+                                      cell.exact if cell else None))
+    return points
+
+
+def plot_budget(groups: list[Group], path: Path, task: str = "passkey", context: int = 2048) -> None:
+    """Recall and held-out KL against Stage-2 tokens, one colour per selector, one marker per held-out text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = budget_points(groups, task, context)
+    selectors = sorted({p.selector for p in points})
+    colours = {name: f"C{i}" for i, name in enumerate(selectors)}
+    markers = "os^Dv"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, value, label in ((left, "exact", f"{task}@{context} exact match"), (right, "kl", "held-out KL (nats/token)")):
+        for p in points:
+            y = getattr(p, value)
+            if y is None:
+                continue
+            axis.scatter(p.stage2_tokens, y, color=colours[p.selector], marker=markers[p.text % len(markers)], s=36)
+            axis.annotate(p.label, (p.stage2_tokens, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        axis.set_xscale("log")
+        axis.set_xlabel("Stage-2 tokens")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    teacher = next((g.teacher.model.recall_score(task, context) for g in groups
+                    if g.teacher and g.teacher.model.recall_score(task, context)), None)
+    if teacher is not None:
+        left.axhline(teacher.exact, color="k", lw=1, label=f"teacher {teacher.exact:.2f}")
+    left.set_ylim(-0.02, 1.05)
+    for name, colour in colours.items():
+        left.scatter([], [], color=colour, label=name)
+    for i, group in enumerate(groups):
+        if group.teacher_perplexity is not None:
+            right.scatter([], [], color="grey", marker=markers[i % len(markers)],
+                          label=f"held-out text, teacher ppl {group.teacher_perplexity:.2f}")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.suptitle("What Stage-2 budget buys (one point per hybrid; KL compares within one marker)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="a directory holding `hybrid eval` results, in subdirectories too")
-    parser.add_argument("--out", type=Path, help="write the markdown here and the numbers beside it (.json)")
+    parser.add_argument("--out", type=Path,
+                        help="write the markdown here, the numbers beside it (.json) and the budget plot (.png)")
+    parser.add_argument("--task", default="passkey", help="the recall task on the budget plot (default: passkey)")
+    parser.add_argument("--context", type=int, default=2048, help="its context length (default: 2048)")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         parser.error(f"no such directory: {args.root}")
@@ -187,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(table)
         args.out.with_suffix(".json").write_text(json.dumps(to_json(groups), indent=2) + "\n")
+        plot_budget(groups, args.out.with_suffix(".png"), args.task, args.context)
     return 0
 
 

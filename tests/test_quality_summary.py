@@ -67,6 +67,14 @@ def test_every_hybrid_of_every_run_in_one_table_grouped_by_held_out_text(tmp_pat
     assert "| later | 2026-12-06, H200 | ga-s2-k2-s0-4k | 2/8: 1,5 | — | — | 0.1100 | 22.98 | 0.90 [14.0] | 0.210 |" in table
     assert "teacher's perplexity is 26.16" in table and "teacher's perplexity is 21.88" in table
 
+    # the budget plot: every hybrid with a known Stage-2 budget (run B kept no logs), and the picture itself
+    from bench.quality_summary import budget_points, group_rows, load_rows
+
+    points = budget_points(group_rows(load_rows(root)), "passkey", 512)
+    assert [(p.selector, p.label, p.stage2_tokens, p.kl, p.exact) for p in points] == [
+        ("ga-s2-k2", "top", 5_900_000, 0.14, 0.7)]
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
 
 def test_a_json_file_that_is_not_an_eval_result_is_named(tmp_path, capsys):
     (tmp_path / "results-old.json").write_text(json.dumps({"rows": []}))
