@@ -19,40 +19,53 @@ from distill.eval_results import RecallScore
 from distill.recall_tasks import RecallSample, RecallTaskSpec
 
 
+DEPTH_BINS = 4  # the misses are counted per quarter of the context in which the answer's needle starts
+
+
 @torch.no_grad()
 def answer_logprobs(model: nn.Module, ids: torch.Tensor, answer_lens: list[int],
-                    runtime: Runtime) -> tuple[list[float], list[bool]]:
+                    runtime: Runtime) -> tuple[list[float], list[bool], list[bool]]:
     """Per row of `ids` [b, T] whose last answer_lens[i] tokens are the answer: (sum of the answer tokens'
-    log-probabilities, whether every answer token is the argmax)."""
+    log-probabilities, whether every answer token is the argmax, whether the first one is)."""
     keep = max(answer_lens) + 1
     with runtime.autocast():
         logits = model(input_ids=ids.to(runtime.device), use_cache=False, logits_to_keep=keep).logits
     logprobs = logits[:, -keep:].float().log_softmax(-1)  # position j predicts the token at T - keep + j + 1
-    sums, greedy = [], []
+    sums, greedy, first = [], [], []
     for row, n in enumerate(answer_lens):
         targets = ids[row, -n:].to(logprobs.device)
         at = logprobs[row, keep - n - 1 : keep - 1]  # [n, V]
         sums.append(at.gather(-1, targets[:, None]).sum().item())
-        greedy.append(bool((at.argmax(-1) == targets).all()))
-    return sums, greedy
+        right = at.argmax(-1) == targets
+        greedy.append(bool(right.all()))
+        first.append(bool(right[0]))
+    return sums, greedy, first
 
 
 def score_recall(model: nn.Module, spec: RecallTaskSpec, samples: list[RecallSample], runtime: Runtime,
                  batch_size: int = 1, desc: str | None = None) -> RecallScore:
-    """Exact match and mean answer log-probability with and without the needle over `samples`."""
+    """Exact match and mean answer log-probability with and without the needle over `samples`, and where the
+    misses are: exact hits per quarter of the context holding the needle, and first-token hits."""
     started = time.perf_counter()
-    hits, with_sum, without_sum = 0, 0.0, 0.0
+    hits, first_hits, with_sum, without_sum = 0, 0, 0.0, 0.0
+    depth_samples, depth_hits = [0] * DEPTH_BINS, [0] * DEPTH_BINS
     bar = tqdm(total=len(samples), desc=desc or spec.name, unit="sample", leave=False)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         lens = [s.answer_len for s in chunk]
-        lp_with, greedy = answer_logprobs(model, torch.tensor([s.ids for s in chunk]), lens, runtime)
-        lp_without, _ = answer_logprobs(model, torch.tensor([s.ids_without for s in chunk]), lens, runtime)
+        lp_with, greedy, first = answer_logprobs(model, torch.tensor([s.ids for s in chunk]), lens, runtime)
+        lp_without, _, _ = answer_logprobs(model, torch.tensor([s.ids_without for s in chunk]), lens, runtime)
+        for sample, hit in zip(chunk, greedy):
+            depth = min(int(sample.depth * DEPTH_BINS), DEPTH_BINS - 1)
+            depth_samples[depth] += 1
+            depth_hits[depth] += hit
         hits += sum(greedy)
+        first_hits += sum(first)
         with_sum += sum(lp_with)
         without_sum += sum(lp_without)
         bar.update(len(chunk))
     bar.close()
     n = len(samples)
     return RecallScore(task=spec.kind, context=spec.context, samples=n, exact=hits / n, logprob=with_sum / n,
-                       logprob_without=without_sum / n, seconds=time.perf_counter() - started)
+                       logprob_without=without_sum / n, seconds=time.perf_counter() - started,
+                       depth_samples=depth_samples, depth_hits=depth_hits, first_token_hits=first_hits)

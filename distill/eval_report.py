@@ -71,9 +71,28 @@ def markdown_table(report: EvalReport) -> str:
     return "\n".join(rows) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
 
 
+def depth_table(report: EvalReport) -> str:
+    """Where the recall misses are: exact match by the quarter of the context the answer's needle starts in, and
+    how often the answer's first token is right (a first token right and a later one wrong: the needle was
+    found, and copying it failed). Empty when no score recorded depths (results written before 2026-12-06)."""
+    rows = [(m, r) for m in report.models for r in m.recall if r.depth_samples]
+    if not rows:
+        return ""
+    quarters = ["needle in 1st quarter (farthest)", "2nd", "3rd", "4th (nearest the question)"]
+    lines = ["## Where the misses are", "",
+             "| model | task@context | exact | " + " | ".join(quarters) + " | first answer token right |",
+             "|" + "---|" * (len(quarters) + 4)]
+    for m, r in rows:
+        by_depth = [f"{x:.2f} ({n})" if x is not None else "–" for x, n in zip(r.exact_by_depth, r.depth_samples)]
+        first = f"{r.first_token_hits / r.samples:.2f}" if r.first_token_hits is not None else "–"
+        lines.append(f"| {m.name} | {r.task}@{r.context} | {r.exact:.2f} | " + " | ".join(by_depth) + f" | {first} |")
+    return "\n".join(lines) + "\n\nDepth cells: exact match (samples whose needle starts in that quarter).\n"
+
+
 def write_markdown(report: EvalReport, path: Path) -> None:
     header = f"# hybrid eval\n\n{report.date}, {report.device}\n\n`{report.command}`\n\n"
-    path.write_text(header + markdown_table(report))
+    depths = depth_table(report)
+    path.write_text(header + markdown_table(report) + ("\n" + depths if depths else ""))
 
 
 def plot(report: EvalReport, path: Path) -> Path | None:

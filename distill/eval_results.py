@@ -30,6 +30,15 @@ class RecallScore:
     logprob: float  # mean over samples of log p(answer tokens | prompt with the needle), nats
     logprob_without: float  # ... with the needle replaced by filler
     seconds: float = 0.0
+    # where the misses are: samples and exact hits per quarter of the context the answer's needle starts in
+    # (first quarter: farthest from the question), and samples whose first answer token is the greedy one
+    depth_samples: list[int] = field(default_factory=list)
+    depth_hits: list[int] = field(default_factory=list)
+    first_token_hits: int | None = None
+
+    @property
+    def exact_by_depth(self) -> list[float | None]:
+        return [h / n if n else None for h, n in zip(self.depth_hits, self.depth_samples)]
 
     @property
     def delta(self) -> float:

@@ -71,6 +71,7 @@ class RecallSample:
     ids_without: list[int]  # same length; the needle holding the answer replaced by filler tokens
     answer_len: int
     answer: str  # the answer text (for reports and debugging)
+    depth: float = 0.0  # filler before the answer's needle / all filler: 0 at the start, 1 right before the question
 
 
 @dataclass(frozen=True)
@@ -197,12 +198,14 @@ def _assemble(spec: RecallTaskSpec, facts: _Facts, encode: _Encoder, rng: random
     filler = encode.filler
     spare = filler[room : room + len(needles[facts.key_needle])]  # what replaces the answer's needle
     with_needle, without = [], []
-    previous = 0
+    previous = key_cut = 0
     for cut, index in zip(cuts, order):
+        if index == facts.key_needle:
+            key_cut = cut  # filler tokens before the answer's needle
         with_needle += filler[previous:cut] + needles[index]
         without += filler[previous:cut] + (spare if index == facts.key_needle else needles[index])
         previous = cut
     tail = filler[previous:room] + question + answer
     ids, ids_without = with_needle + tail, without + tail
     assert len(ids) == len(ids_without) == spec.context
-    return RecallSample(ids, ids_without, len(answer), facts.answer.strip())
+    return RecallSample(ids, ids_without, len(answer), facts.answer.strip(), key_cut / max(room, 1))

@@ -48,9 +48,12 @@ def test_eval_writes_table_json_and_plot_for_teacher_and_hybrid(files, tmp_path,
                                                          ("vartrack", 256), ("vartrack", 400)]
         for r in m.recall:
             assert r.samples == 3 and 0 <= r.exact <= 1 and r.logprob < 0 and math.isfinite(r.delta)
+            assert sum(r.depth_samples) == 3 and sum(r.depth_hits) == round(r.exact * 3)
         assert set(m.lm_eval) == {"tiny_choice"} and 0 <= m.lm_eval["tiny_choice"]["acc,none"] <= 1
     table = (out / "results.md").read_text()
     assert "| init | 2/4: 1,3 |" in table and "passkey@400" in table and "tiny_choice acc" in table
+    assert "## Where the misses are" in table and "| init | vartrack@400 |" in table
+    assert "trained_tokens" in json.loads((out / "results.json").read_text())["models"][1]
     assert "| init | 2/4: 1,3 |" in capsys.readouterr().out
     assert (out / "results.png").stat().st_size > 20_000
     raw = json.loads((out / "results.json").read_text())

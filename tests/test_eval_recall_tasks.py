@@ -35,6 +35,12 @@ def test_samples_hold_the_answer_needle_and_end_with_the_answer(kind, tokenizer)
         assert s.answer in prompt and s.answer not in prompt_without
         differ = [i for i, (a, b) in enumerate(zip(s.ids, s.ids_without)) if a != b]
         assert differ and differ[-1] - differ[0] < 64  # one needle (one sentence) was replaced
+    # a sample's depth says where its answer's needle starts; with one needle, the two prompts part there, so
+    # the depths order the samples as the places where they part do
+    assert all(0 <= s.depth <= 1 for s in samples) and len({s.depth for s in samples}) > 1
+    if spec.num_needles == 1:
+        parts = [next(i for i, (a, b) in enumerate(zip(s.ids, s.ids_without)) if a != b) for s in samples]
+        assert [s.depth for _, s in sorted(zip(parts, samples), key=lambda x: x[0])] == sorted(s.depth for s in samples)
     assert len({s.answer for s in samples}) > 1
 
 
@@ -82,9 +88,9 @@ class LongestMatchCopier(nn.Module):
     predicts the token that followed the longest earlier match of the current suffix (log-prob ~0 for it,
     ~-12 for everything else); with no earlier match it predicts uniformly."""
 
-    def __init__(self, vocab: int, max_match: int = 8):
+    def __init__(self, vocab: int, max_match: int = 8, window: int | None = None):
         super().__init__()
-        self.vocab, self.max_match = vocab, max_match
+        self.vocab, self.max_match, self.window = vocab, max_match, window  # window: how far back it can look
 
     def forward(self, input_ids, use_cache=False, logits_to_keep=0):
         b, t = input_ids.shape
@@ -93,7 +99,7 @@ class LongestMatchCopier(nn.Module):
             seq = input_ids[row].tolist()
             for pos in range(t - (logits_to_keep or t), t):
                 best, nxt = 0, None
-                for j in range(pos):
+                for j in range(max(0, pos - self.window) if self.window else 0, pos):
                     n = 0
                     while n < self.max_match and j - n >= 0 and seq[j - n] == seq[pos - n]:
                         n += 1
@@ -118,12 +124,13 @@ def test_answer_logprobs_match_a_full_log_softmax(tokenizer):
     model = Bigram()
     ids = torch.randint(0, len(tokenizer), (3, 40))
     lens = [2, 5, 1]
-    sums, greedy = answer_logprobs(model, ids, lens, Runtime())
+    sums, greedy, first = answer_logprobs(model, ids, lens, Runtime())
     full = table[ids].log_softmax(-1)
     for row, n in enumerate(lens):
         expected = sum(full[row, 39 - n + i, ids[row, 40 - n + i]].item() for i in range(n))
         assert sums[row] == pytest.approx(expected, abs=1e-5)
         assert greedy[row] == all(full[row, 39 - n + i].argmax() == ids[row, 40 - n + i] for i in range(n))
+        assert first[row] == (full[row, 39 - n].argmax() == ids[row, 40 - n])
 
 
 def test_continuous_score_is_larger_with_the_needle_for_a_model_that_copies(tokenizer):
@@ -133,6 +140,18 @@ def test_continuous_score_is_larger_with_the_needle_for_a_model_that_copies(toke
     assert score.exact == 1.0
     assert score.delta > 5.0  # nats over the answer's tokens
     assert score.logprob > score.logprob_without
+
+
+def test_misses_are_counted_where_the_needle_is(tokenizer):
+    """A copier that sees only the last half of its context finds every needle in the last quarter and none in
+    the first; the depth counts add up to the exact match."""
+    spec = RecallTaskSpec("passkey", context=256, samples=24, seed=1)
+    samples = build_recall_task(spec, tokenizer)
+    score = score_recall(LongestMatchCopier(len(tokenizer), window=128), spec, samples, Runtime(), batch_size=4)
+    assert sum(score.depth_samples) == 24 and all(n > 0 for n in score.depth_samples)
+    assert sum(score.depth_hits) == round(score.exact * 24)
+    assert score.exact_by_depth[0] == 0.0 and score.exact_by_depth[-1] == 1.0
+    assert score.first_token_hits >= sum(score.depth_hits)
 
 
 class SpaceThenDigits:
