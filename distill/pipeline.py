@@ -320,6 +320,11 @@ def step_stage2_more(s: Session, hybrid: HybridForCausalLM, source: Path) -> Hyb
     if is_done(out):
         return load_hybrid(out, s.runtime)
     prov = hybrid.config.provenance
+    differ = [f"{key} {getattr(hybrid.config, key)} against the teacher's {getattr(s.teacher.config, key)}"
+              for key in ("num_hidden_layers", "hidden_size", "vocab_size")
+              if getattr(hybrid.config, key) != getattr(s.teacher.config, key)]
+    if differ:
+        raise UserError(f"--from {source} was not made from this teacher ({s.spec.teacher}): " + "; ".join(differ))
     if "stage2_distill" not in prov.get("stages", []):
         raise UserError(f"--from {source}: this hybrid has had no Stage 2 (its provenance lists the stages "
                         f"{prov.get('stages', [])}); distill an all-linear Stage-1 model with --stage1 instead")

@@ -156,7 +156,7 @@ def test_rerun_with_other_settings_is_refused(env, uninterrupted, tmp_path, monk
     assert "belongs to another run: preset" in capsys.readouterr().err
 
 
-def test_distill_from_a_hybrid_reads_the_batches_one_longer_run_reads_next(env, tmp_path, monkeypatch):
+def test_distill_from_a_hybrid_reads_the_batches_one_longer_run_reads_next(env, tmp_path, monkeypatch, capsys):
     """`hybrid distill --from`: with every LR 0 no weight moves, so a step's loss names its batch. Two steps,
     then two more from that output, log the losses of steps 3 and 4 of one four-step run, and the provenance
     counts all four steps' tokens."""
@@ -190,6 +190,10 @@ def test_distill_from_a_hybrid_reads_the_batches_one_longer_run_reads_next(env, 
     assert main(["distill", *common, "--from", str(tmp_path / "half"), "--softmax-layers", "2",
                  "--out", str(tmp_path / "x")]) == 2
     assert main(["distill", *common, "--from", str(tmp_path / "s1"), "--out", str(tmp_path / "y")]) == 2
+    other = save_teacher(tmp_path / "other", "llama", num_layers=LAYERS + 1, hidden=48, heads=4, kv_heads=2, seed=5)
+    other_teacher = ["--teacher", str(other)] + common[2:]
+    assert main(["distill", *other_teacher, "--from", str(tmp_path / "half"), "--out", str(tmp_path / "z")]) == 2
+    assert "was not made from this teacher" in capsys.readouterr().err
 
 
 def test_stage_subcommands_chain(env, tmp_path, monkeypatch):
