@@ -19,7 +19,7 @@ from distill.eval_results import RecallScore
 from distill.recall_tasks import RecallSample, RecallTaskSpec
 
 
-DEPTH_BINS = 4  # the misses are counted per quarter of the context in which the answer's needle starts
+DEPTH_BINS = 4  # the misses are counted per quarter of the filler in which the answer's needle starts
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def answer_logprobs(model: nn.Module, ids: torch.Tensor, answer_lens: list[int],
 def score_recall(model: nn.Module, spec: RecallTaskSpec, samples: list[RecallSample], runtime: Runtime,
                  batch_size: int = 1, desc: str | None = None) -> RecallScore:
     """Exact match and mean answer log-probability with and without the needle over `samples`, and where the
-    misses are: exact hits per quarter of the context holding the needle, and first-token hits."""
+    misses are: exact hits per quarter of the filler holding the needle, and first-token hits."""
     started = time.perf_counter()
     hits, first_hits, with_sum, without_sum = 0, 0, 0.0, 0.0
     depth_samples, depth_hits = [0] * DEPTH_BINS, [0] * DEPTH_BINS

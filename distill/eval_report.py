@@ -72,7 +72,7 @@ def markdown_table(report: EvalReport) -> str:
 
 
 def depth_table(report: EvalReport) -> str:
-    """Where the recall misses are: exact match by the quarter of the context the answer's needle starts in, and
+    """Where the recall misses are: exact match by the quarter of the filler the answer's needle starts in, and
     how often the answer's first token is right (a first token right and a later one wrong: the needle was
     found, and copying it failed). Empty when no score recorded depths (results written before 2026-12-06)."""
     rows = [(m, r) for m in report.models for r in m.recall if r.depth_samples]

@@ -30,7 +30,7 @@ class RecallScore:
     logprob: float  # mean over samples of log p(answer tokens | prompt with the needle), nats
     logprob_without: float  # ... with the needle replaced by filler
     seconds: float = 0.0
-    # where the misses are: samples and exact hits per quarter of the context the answer's needle starts in
+    # where the misses are: samples and exact hits per quarter of the filler the answer's needle starts in
     # (first quarter: farthest from the question), and samples whose first answer token is the greedy one
     depth_samples: list[int] = field(default_factory=list)
     depth_hits: list[int] = field(default_factory=list)
