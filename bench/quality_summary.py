@@ -164,7 +164,9 @@ def to_json(groups: list[Group]) -> list[dict]:
                 "softmax_layers": m.softmax_layers, "stage2_tokens": row.stage2_tokens,
                 "stage2_seconds": row.stage2_seconds,
                 "heldout": None if m.heldout is None else {"kl": m.heldout.kl, "perplexity": m.heldout.perplexity},
-                "recall": {f"{r.task}@{r.context}": {"exact": r.exact, "delta": r.delta} for r in m.recall},
+                "recall": {f"{r.task}@{r.context}": {"exact": r.exact, "delta": r.delta,
+                                                     **({"exact_by_depth": r.exact_by_depth} if r.depth_samples else {})}
+                           for r in m.recall},
                 "lm_eval": m.lm_eval}
     return [{"teacher_perplexity": g.teacher_perplexity,
              "models": [one(r) for r in ([g.teacher] if g.teacher else []) + g.rows]} for g in groups]

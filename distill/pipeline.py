@@ -332,6 +332,9 @@ def step_stage2_more(s: Session, hybrid: HybridForCausalLM, source: Path) -> Hyb
     if first is None:  # checkpoints before 2026-12-06 recorded the tokens only
         first = prov["tokens"].get("stage2", 0) // s.preset.stage2.train.seq_len
         log.info("--from %s records no stage2_sequences; taking %d (its Stage-2 tokens / seq_len)", source, first)
+    if s.preset.stage2.train.warmup_steps == 0:
+        log.info("--from: AdamW starts afresh; its first ~20 steps are large (--set stage2.train.warmup_steps=20 "
+                 "keeps them small)")
     with _timed(s, "stage 2 (distill, continued)"):
         s.kl_once("before (the --from hybrid)", lambda: hybrid)
         _distill(s, hybrid, first_sequence=first)

@@ -107,3 +107,12 @@ def test_a_continued_hybrid_counts_the_tokens_of_every_stage2_it_had(tmp_path):
     assert training_cost(tmp_path, "more", model("more", teacher_ppl=20.0, kl=0.1)) == (1000, 60.0)
     save(tmp_path / "results.json", continued)  # the field survives the results file
     assert EvalReport.load(tmp_path / "results.json").models[0].trained_tokens == {"stage1": 500, "stage2": 3000}
+
+
+def test_exact_match_by_needle_depth_reaches_the_summary(tmp_path):
+    hybrid = model("ga-s2-k2-s0", teacher_ppl=20.0, kl=0.1, recall=[("passkey", 2048, 0.5, 12.0)])
+    hybrid.recall[0].depth_samples, hybrid.recall[0].depth_hits = [2, 2, 0, 4], [0, 1, 0, 3]
+    save(tmp_path / "run" / "results.json", model("teacher", teacher_ppl=20.0, kl=0.0), hybrid)
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "summary.md")]) == 0
+    cell = json.loads((tmp_path / "summary.json").read_text())[0]["models"][1]["recall"]["passkey@2048"]
+    assert cell["exact_by_depth"] == [0.0, 0.5, None, 0.75]
