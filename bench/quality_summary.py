@@ -57,7 +57,26 @@ def merge(into: ModelReport, other: ModelReport) -> None:
 def training_cost(run_dir: Path, name: str, model: ModelReport | None = None) -> tuple[int | None, float | None]:
     """(Stage-2 tokens, Stage-2 seconds) of hybrid NAME from the run's logs, None where they are not there.
     The tokens are the checkpoint's own count where `hybrid eval` recorded it (`trained_tokens`: every
-    Stage 2 it had, `hybrid distill --from` included); the seconds are those of the last Stage 2's log.
+    Stage 2 it had, `hybrid distill --from` included). `--from` starts a new log, named as the script names the
+    continued hybrid (`PARENT-TAG`): where the logs of this run's parents add up to the recorded tokens, the
+    seconds are all of theirs, else those of the last Stage 2 only."""
+    tokens, seconds = _log_cost(run_dir, name)
+    recorded = model.trained_tokens.get("stage2") if model is not None else None
+    if recorded is None or tokens is None or recorded <= tokens:
+        return recorded or tokens, seconds
+    chain_tokens, chain_seconds = tokens, seconds
+    parts = name.split("-")
+    for cut in range(len(parts) - 1, 0, -1):  # the nearest parent first
+        parent_tokens, parent_seconds = _log_cost(run_dir, "-".join(parts[:cut]))
+        if parent_tokens is not None and parent_seconds is not None and chain_seconds is not None:
+            chain_tokens, chain_seconds = chain_tokens + parent_tokens, chain_seconds + parent_seconds
+        if chain_tokens == recorded:
+            return recorded, chain_seconds
+    return recorded, seconds
+
+
+def _log_cost(run_dir: Path, name: str) -> tuple[int | None, float | None]:
+    """(tokens, seconds) of the Stage 2 whose log is `logs/log-hybrid-NAME.jsonl` (and metrics file).
 
     The seconds are the log's `wall_s` (the stage's time with its evals, summed over resumed attempts). Logs
     written before it existed give the metrics file's stage time, which covers only the attempt that finished:
@@ -67,14 +86,13 @@ def training_cost(run_dir: Path, name: str, model: ModelReport | None = None) ->
     if log.is_file():
         lines = [line for line in log.read_text().splitlines() if line.strip()]
         last = json.loads(lines[-1]) if lines else {}
-    tokens = (model.trained_tokens.get("stage2") if model is not None else None) or last.get("tokens")
     if "wall_s" in last:
-        return tokens, last["wall_s"]
+        return last.get("tokens"), last["wall_s"]
     metrics = run_dir / f"metrics-hybrid-{name}.json"
     seconds = json.loads(metrics.read_text()).get("seconds", {}).get(STAGE2_SECONDS) if metrics.is_file() else None
     if last.get("elapsed_s") is not None:
         seconds = max(seconds or 0.0, last["elapsed_s"])
-    return tokens, seconds
+    return last.get("tokens"), seconds
 
 
 def load_rows(root: Path) -> list[Row]:

@@ -95,16 +95,20 @@ def test_stage2_time_of_a_resumed_run_counts_every_attempt(tmp_path):
     assert training_cost(tmp_path, "older") == (2000, 845.0)
 
 
-def test_a_continued_hybrid_counts_the_tokens_of_every_stage2_it_had(tmp_path):
+def test_a_continued_hybrid_counts_the_tokens_and_time_of_every_stage2_it_had(tmp_path):
     """`hybrid distill --from` starts a new log; the checkpoint's provenance (recorded by `hybrid eval`) has the
-    whole count, and the log still gives the time of the Stage 2 that made this checkpoint."""
+    whole count. The time is the parents' too where their logs (named PARENT-TAG by the script) add up to it."""
     from bench.quality_summary import training_cost
 
-    training_logs(tmp_path, "more", tokens=1000, seconds=60.0)
-    continued = model("more", teacher_ppl=20.0, kl=0.1)
+    training_logs(tmp_path, "ga-s2-k8-more", tokens=1000, seconds=60.0)
+    continued = model("ga-s2-k8-more", teacher_ppl=20.0, kl=0.1)
     continued.trained_tokens = {"stage1": 500, "stage2": 3000}
-    assert training_cost(tmp_path, "more", continued) == (3000, 60.0)
-    assert training_cost(tmp_path, "more", model("more", teacher_ppl=20.0, kl=0.1)) == (1000, 60.0)
+    assert training_cost(tmp_path, "ga-s2-k8-more", continued) == (3000, 60.0)  # no parent log: this Stage 2's time
+    assert training_cost(tmp_path, "ga-s2-k8-more", model("m", teacher_ppl=20.0, kl=0.1)) == (1000, 60.0)
+    training_logs(tmp_path, "ga-s2-k8", tokens=1500, seconds=90.0)  # a parent whose tokens do not add up: ignored
+    assert training_cost(tmp_path, "ga-s2-k8-more", continued) == (3000, 60.0)
+    training_logs(tmp_path, "ga-s2-k8", tokens=2000, seconds=90.0)
+    assert training_cost(tmp_path, "ga-s2-k8-more", continued) == (3000, 150.0)
     save(tmp_path / "results.json", continued)  # the field survives the results file
     assert EvalReport.load(tmp_path / "results.json").models[0].trained_tokens == {"stage1": 500, "stage2": 3000}
 
