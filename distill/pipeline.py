@@ -50,6 +50,7 @@ from distill.selection import (
     SELECTORS,
     Ranking,
     score_ablation,
+    score_retrieval,
     score_ga_s1,
     score_ga_s2,
     score_kl_restore,
@@ -285,6 +286,8 @@ def step_score(s: Session, stage1: HybridForCausalLM, selector: str) -> Ranking:
             ranking = score_ga_s1(s.teacher, stage1, s.eval_set(s.preset.stage1.seq_len), s.runtime, s.preset.align_loss)
         elif selector == "ablation":
             ranking = score_ablation(s.teacher, s.tokenizer, s.preset.score, score_dir, s.runtime)
+        elif selector == "retrieval":
+            ranking = score_retrieval(s.teacher, s.tokenizer, s.preset.score, s.runtime)
         else:
             ranking = uniform_ranking(L)
         if s.runtime.is_main:

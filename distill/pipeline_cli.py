@@ -49,7 +49,8 @@ def register(subparsers) -> None:
     which.add_argument("--ratio", type=float, help="fraction of layers kept softmax (K = round-half-up(ratio x L))")
     which.add_argument("--k", type=int, help="number of layers kept softmax")
     p.add_argument("--selector", default="ga-s2",
-                   help="ga-s2 (KL-guided, default) | kl-restore (GA-S2 with no training, cheap) | ga-s1 | ablation | uniform")
+                   help="ga-s2 (KL-guided, default) | kl-restore (GA-S2 with no training, cheap) | ga-s1 | ablation | "
+                        "retrieval (the teacher's retrieval heads, no training) | uniform")
     p.add_argument("--out", required=True, type=Path, help="output directory: HF checkpoint + report.md")
     p.set_defaults(func=run_convert)
 
@@ -65,7 +66,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("score", help="rank layers for softmax attention (GA-S2 and baselines)")
     _common(p)
     p.add_argument("--stage1", type=Path, help="output of `hybrid align` (needed by ga-s2 and ga-s1)")
-    p.add_argument("--selector", default="ga-s2", help="ga-s2 | kl-restore | ga-s1 | ablation | uniform")
+    p.add_argument("--selector", default="ga-s2", help="ga-s2 | kl-restore | ga-s1 | ablation | retrieval | uniform")
     p.add_argument("--k", type=int, help="highlight the top K in the plot")
     p.add_argument("--out", required=True, type=Path, help="directory for ranking.json and plots")
     p.set_defaults(func=run_score)

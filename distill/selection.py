@@ -10,6 +10,10 @@ Selectors (`hybrid score --selector ...`):
     ga-s1     the per-layer held-out Stage-1 alignment loss (higher = harder to linearise = matters more).
     ablation  zero one teacher attention layer and measure the accuracy drop on synthetic associative
               recall (bigger drop = matters more; ties broken by the drop in the answers' log-probability).
+    retrieval the teacher's retrieval heads: on passkey prompts, the attention its heads put on the needle
+              from the position that predicts the answer (`distill.retrieval_heads`); a layer scores its
+              strongest head's mean needle mass (higher = matters more). No training, one teacher forward
+              per prompt.
     uniform   no ranking: K evenly spaced layers.
 
 GA-S2 costs L short Stage-2 runs. What is shared between candidates without changing any score:
@@ -42,9 +46,11 @@ from distill.evaluate import EvalSet, kl_from_hidden
 from distill.model.modeling import HybridForCausalLM
 from distill.model.transfer import restore_softmax
 from distill.placement import uniform_softmax_layers
+from distill.recall_tasks import RecallTaskSpec, build_recall_task
+from distill.retrieval_heads import mean_mass, measure
 from distill.stages import Stage2Config, heldout_alignment, run_stage2
 
-SELECTORS = ("ga-s2", "kl-restore", "ga-s1", "ablation", "uniform")
+SELECTORS = ("ga-s2", "kl-restore", "ga-s1", "ablation", "retrieval", "uniform")
 RANKING_FILE = "ranking.json"
 
 
@@ -128,8 +134,9 @@ class ScoreConfig:
     candidate: Stage2Config  # the short Stage 2 each candidate runs (candidate.train.save_every is ignored)
     eval_batch: int = 4  # held-out blocks per forward
     eval_blocks: int = 0  # candidates are scored on the first N held-out blocks (0: all of them)
-    recall_samples: int = 32  # ablation selector: synthetic recall prompts
-    recall_pairs: int = 16  # ... key/value pairs per prompt
+    recall_samples: int = 32  # ablation and retrieval selectors: synthetic recall prompts
+    recall_pairs: int = 16  # ablation: key/value pairs per prompt
+    retrieval_context: int = 4096  # retrieval: tokens per passkey prompt (at most the teacher's context)
 
 
 def _to_host(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -400,4 +407,31 @@ def score_ablation(teacher: nn.Module, tokenizer, cfg: ScoreConfig, work_dir: Pa
         metric="recall accuracy drop when the layer's attention is zeroed",
         details={"base_accuracy": base_acc, "base_logprob": base_lp, "logprob_drop": lp_drop,
                  "samples": cfg.recall_samples, "pairs": cfg.recall_pairs},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher's retrieval heads
+# ---------------------------------------------------------------------------------------------
+
+
+def score_retrieval(teacher: nn.Module, tokenizer, cfg: ScoreConfig, runtime: Runtime) -> Ranking:
+    """Rank layers by the needle mass of their strongest head on passkey prompts (ties: the layer's summed mass).
+
+    The prompts are `cfg.retrieval_context` tokens long, or the teacher's context where that is shorter. Every
+    process computes the same ranking (a few forwards; nothing to share)."""
+    context = min(cfg.retrieval_context, getattr(teacher.config, "max_position_embeddings", None) or cfg.retrieval_context)
+    spec = RecallTaskSpec("passkey", context, cfg.recall_samples)
+    try:
+        samples = build_recall_task(spec, tokenizer)
+    except UserError as err:
+        raise UserError(f"score.retrieval_context={cfg.retrieval_context}: {err}") from None
+    rows = measure(teacher, samples, runtime, "retrieval heads")
+    per_head = mean_mass(rows)
+    return ranking_from_scores(
+        "retrieval", {layer: max(m) for layer, m in per_head.items()}, lower_is_more_important=False,
+        tiebreak={layer: sum(m) for layer, m in per_head.items()},
+        metric="needle attention mass of the layer's strongest head on passkey prompts",
+        details={"head_mass": {str(layer): m for layer, m in per_head.items()}, "samples": len(rows),
+                 "context": context, "teacher_recalled": sum(r.hit for r in rows) / len(rows)},
     )

@@ -7,7 +7,7 @@
 #   prep     carry [.whl, .device/smol.gguf.aa, .device/en-mix-train.jsonl.xz, .device/en-mix-validation.jsonl.xz]
 #            (RANKINGS=bench/results/quality_h100 reuses committed rankings instead of the score phase)
 #   align    carry [.whl, .device/smol.gguf.ab, .device/smol.gguf.ac]   joins the GGUF; Stage 1; kl-restore ranking
-#   score    carry [.whl]       GA-S2, GA-S1 and ablation rankings
+#   score    carry [.whl]       GA-S2, GA-S1, ablation and retrieval-head rankings
 #   distill  carry [.whl]       Stage 2 for each layer choice in $HYBRIDS (default: ga-s2 uniform); TAG names a variant
 #                               (e.g. TAG=4k EXTRA="--set stage2.train.seq_len=4096 ..." -> hybrid-ga-s2-k8-s0-4k)
 #   eval     carry [.whl]       hybrid eval: teacher + every finished hybrid; rankings and metrics to $OUT
@@ -36,6 +36,8 @@
 # Budgets: Stage 1 300 x 64 x 512 = 9.8M tokens; GA-S2 candidates 8 x 16 x 1024 = 131K tokens each;
 # Stage 2 300 x 16 x 2048 = 9.8M tokens per hybrid (0.68 epochs of the 14.5M-token mix each).
 #
+# The `small` preset's Stage-2 mixer LR is 2e-4 since 2026-12-06 (bench/results/quality_h100/stage2_4k_lr2/); runs
+# before it used 1e-4: add `--set stage2.train.lr=1e-4` to EXTRA to repeat one of them.
 # Cosine instead of the constant Stage-2 LR (TAG=4k-cos, `--set stage2.train.schedule=cosine --set
 # stage2.train.warmup_steps=20` on the 4K settings): worse at 32.8M tokens (bench/results/quality_h100/stage2_4k_cos/).
 #
@@ -146,14 +148,22 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla
     rank ga-s2 --stage1 "$X/stage1"
     rank ga-s1 --stage1 "$X/stage1"
     rank ablation
+    rank retrieval
     ;;
   distill)
     if [[ -n ${FROM:-} ]]; then  # a hybrid this machine holds (a distill here, or `restore`), trained further
       hybrid distill --from "$X/$FROM" --out "$X/$FROM-${TAG:-more}"
       exit 0
     fi
-    # NAME or NAME@RATIO; NAME is a selector whose ranking phase `score` wrote, or `uniform`
+    # NAME or NAME@RATIO; NAME is a selector whose ranking phase `score` wrote, or `uniform`;
+    # NAME=LAYERS trains those softmax layers (e.g. mix=1,2,7,17,20,21,22,23)
     for spec in ${HYBRIDS:-ga-s2 uniform}; do
+      if [[ $spec == *=* ]]; then
+        layers=${spec#*=}; k=$(( $(tr -cd , <<< "$layers" | wc -c) + 1 ))
+        hybrid distill --stage1 "$X/stage1" --softmax-layers "$layers" \
+          --out "$X/hybrid-${spec%%=*}-k$k-s${SEED:-0}${TAG:+-$TAG}"
+        continue
+      fi
       name=${spec%@*}; ratio=0.25; [[ $spec == *@* ]] && ratio=${spec#*@}
       k=$(k_of "$ratio"); out="$X/hybrid-$name-k$k-s${SEED:-0}${TAG:+-$TAG}"
       if [[ $name == uniform ]]; then

@@ -196,7 +196,7 @@ def test_distill_from_a_hybrid_reads_the_batches_one_longer_run_reads_next(env, 
     assert "was not made from this teacher" in capsys.readouterr().err
 
 
-def test_stage_subcommands_chain(env, tmp_path, monkeypatch):
+def test_stage_subcommands_chain(env, tmp_path, monkeypatch, capsys):
     """align -> score (ga-s1) -> distill (top of the ranking) -> finetune, in-process through the CLI."""
     from distill.cli import main
 
@@ -223,3 +223,12 @@ def test_stage_subcommands_chain(env, tmp_path, monkeypatch):
     assert [r["step"] for r in log] == [1, 2]
     # a missing --stage1 for a selector that needs it is a user error (exit 2), not a traceback
     assert main(["score", *common, "--selector", "ga-s2", "--out", str(tmp_path / "x")]) == 2
+    # the retrieval selector reads only the teacher; a context too short for its prompt names the setting
+    assert main(["score", *common, "--selector", "retrieval", "--set", "score.retrieval_context=64",
+                 "--out", str(tmp_path / "short")]) == 2
+    assert "score.retrieval_context=64: recall task passkey@64" in capsys.readouterr().err
+    assert main(["score", *common, "--selector", "retrieval", "--set", "score.retrieval_context=128",
+                 "--set", "score.recall_samples=3", "--out", str(tmp_path / "retrieval")]) == 0
+    retrieval = json.loads((tmp_path / "retrieval" / "ranking.json").read_text())
+    assert retrieval["selector"] == "retrieval" and sorted(retrieval["order"]) == list(range(len(config["layer_types"])))
+    assert retrieval["details"]["context"] == 128 and retrieval["details"]["samples"] == 3

@@ -23,6 +23,7 @@ from distill.selection import (
     recall_task,
     recall_vocabulary,
     score_ablation,
+    score_retrieval,
     score_ga_s1,
     score_ga_s2,
     score_kl_restore,
@@ -180,3 +181,21 @@ def test_ablation_ranks_every_layer(setup, tmp_path):
     assert len(recall_vocabulary(tok)) >= 64
     # the hooks are gone: the teacher computes what it computed before
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_retrieval_ranks_layers_by_their_strongest_heads_needle_mass(setup):
+    teacher, tok, _, _ = setup
+    before = copy.deepcopy(teacher.state_dict())
+    cfg = replace(score_cfg(), recall_samples=6, retrieval_context=96)
+    ranking = score_retrieval(teacher, tok, cfg, CPU)
+    assert sorted(ranking.order) == [0, 1, 2, 3] and not ranking.lower_is_more_important
+    heads = {int(layer): m for layer, m in ranking.details["head_mass"].items()}
+    assert all(len(m) == teacher.config.num_attention_heads and all(0.0 <= x <= 1.0 for x in m) for m in heads.values())
+    assert ranking.scores == {layer: max(m) for layer, m in heads.items()}
+    assert [ranking.scores[i] for i in ranking.order] == sorted(ranking.scores.values(), reverse=True)
+    assert ranking.details["samples"] == 6 and ranking.details["context"] == 96
+    assert score_retrieval(teacher, tok, cfg, CPU).scores == ranking.scores  # the prompts come from a seed
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert not any(m._forward_pre_hooks for m in teacher.modules())  # the hooks are gone
+    longer = score_retrieval(teacher, tok, replace(cfg, recall_samples=1, retrieval_context=4096), CPU)
+    assert longer.details["context"] == teacher.config.max_position_embeddings  # no prompt beyond the teacher's context
