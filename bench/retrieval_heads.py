@@ -30,7 +30,7 @@ from distill.distributed import init_runtime
 from distill.eval_recall import DEPTH_BINS
 from distill.provenance import machine_description
 from distill.recall_tasks import RecallTaskSpec, build_recall_task
-from distill.retrieval_heads import SampleMass, mean_mass, measure, softmax_attention_layers
+from distill.retrieval_heads import SampleMass, layer_scores, mean_mass, measure, softmax_attention_layers
 
 TOP_HEADS = 12  # teacher heads listed in the report
 
@@ -65,11 +65,6 @@ def top_heads(heads: ModelHeads, n: int = TOP_HEADS) -> list[tuple[int, int, flo
     return sorted(flat, key=lambda x: -x[2])[:n]
 
 
-def layer_scores(heads: ModelHeads) -> dict[int, float]:
-    """A layer's retrieval score: the needle mass of its strongest head."""
-    return {layer: max(masses) for layer, masses in heads.mean.items()}
-
-
 # ---- report ------------------------------------------------------------------------------------------------
 
 
@@ -101,7 +96,7 @@ def render(teacher: list[ModelHeads], hybrids: dict[str, list[ModelHeads]], soft
                           " / ".join(_cell(q, layer, h) for q in hh.by_depth) if kept else "—",
                           f"{_cell(hh.hits_mean, layer, h)} / {_cell(hh.misses_mean, layer, h)}" if kept else "—"]
             lines.append("| " + " | ".join(cells) + " |")
-        scores = layer_scores(t)
+        scores = layer_scores(t.mean)
         order = sorted(scores, key=lambda i: -scores[i])
         lines += ["", "Teacher layers by their strongest head's needle mass: "
                   + ", ".join(f"{i} ({scores[i]:.2f})" for i in order[:12]) + "."]

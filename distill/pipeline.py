@@ -50,10 +50,10 @@ from distill.selection import (
     SELECTORS,
     Ranking,
     score_ablation,
-    score_retrieval,
     score_ga_s1,
     score_ga_s2,
     score_kl_restore,
+    score_retrieval,
     uniform_ranking,
 )
 from distill.stages import describe_stage1_mixers, run_stage1, run_stage2, run_stage3

@@ -96,3 +96,8 @@ def mean_mass(rows: list[SampleMass]) -> dict[int, list[float]]:
     if not rows:
         return {}
     return {layer: torch.tensor([r.mass[layer] for r in rows]).mean(0).tolist() for layer in rows[0].mass}
+
+
+def layer_scores(per_head: dict[int, list[float]]) -> dict[int, float]:
+    """A layer's retrieval score: the needle mass of its strongest head."""
+    return {layer: max(masses) for layer, masses in per_head.items()}

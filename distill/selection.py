@@ -47,7 +47,7 @@ from distill.model.modeling import HybridForCausalLM
 from distill.model.transfer import restore_softmax
 from distill.placement import uniform_softmax_layers
 from distill.recall_tasks import RecallTaskSpec, build_recall_task
-from distill.retrieval_heads import mean_mass, measure
+from distill.retrieval_heads import layer_scores, mean_mass, measure
 from distill.stages import Stage2Config, heldout_alignment, run_stage2
 
 SELECTORS = ("ga-s2", "kl-restore", "ga-s1", "ablation", "retrieval", "uniform")
@@ -429,7 +429,7 @@ def score_retrieval(teacher: nn.Module, tokenizer, cfg: ScoreConfig, runtime: Ru
     rows = measure(teacher, samples, runtime, "retrieval heads")
     per_head = mean_mass(rows)
     return ranking_from_scores(
-        "retrieval", {layer: max(m) for layer, m in per_head.items()}, lower_is_more_important=False,
+        "retrieval", layer_scores(per_head), lower_is_more_important=False,
         tiebreak={layer: sum(m) for layer, m in per_head.items()},
         metric="needle attention mass of the layer's strongest head on passkey prompts",
         details={"head_mass": {str(layer): m for layer, m in per_head.items()}, "samples": len(rows),
