@@ -11,6 +11,11 @@ recall runs through; a hybrid's (its softmax layers only; GDN layers have no att
 heads it kept still find the needle when it is far from the question, and whether the samples it misses are
 those where they do not. Masses are kept per quarter of the filler in which the needle starts (0: farthest).
 
+With --restore-each, each hybrid is measured again once per GDN layer, that one layer put back to the teacher's
+softmax attention (`distill.model.transfer.restore_softmax`), on the samples of the longest length whose needle
+lies in the farthest quarter: which layer, as GDN, takes the far needle away (a restored layer below a kept
+retrieval head changes that head's input), and which restored layer recalls it by itself.
+
 Writes OUT/retrieval_heads.json, OUT/retrieval_heads.md and OUT/retrieval_heads.png.
 """
 
@@ -25,11 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from distill.distributed import init_runtime
 from distill.eval_recall import DEPTH_BINS
+from distill.model.transfer import restore_softmax
 from distill.provenance import machine_description
-from distill.recall_tasks import RecallTaskSpec, build_recall_task
+from distill.recall_tasks import RecallSample, RecallTaskSpec, build_recall_task
 from distill.retrieval_heads import SampleMass, layer_scores, mean_mass, measure, softmax_attention_layers
 
 TOP_HEADS = 12  # teacher heads listed in the report
@@ -65,6 +72,28 @@ def top_heads(heads: ModelHeads, n: int = TOP_HEADS) -> list[tuple[int, int, flo
     return sorted(flat, key=lambda x: -x[2])[:n]
 
 
+@dataclass
+class RestoredLayer:
+    """A hybrid with one GDN layer (None: none) put back to the teacher's softmax, on far-needle samples."""
+
+    layer: int | None
+    recalled: float
+    mean: dict[int, list[float]]  # needle mass per softmax layer (the restored one included) and head
+
+
+def restore_each(model: nn.Module, teacher: nn.Module, samples: list[RecallSample], runtime, name: str
+                 ) -> list[RestoredLayer]:
+    """The hybrid as trained, then once per GDN layer with only that layer restored to the teacher's softmax."""
+    gdn = [i for i in range(len(model.model.layers)) if i not in softmax_attention_layers(model)]
+    rows = []
+    for layer in [None, *gdn]:
+        variant = model if layer is None else restore_softmax(model, teacher, [layer])
+        masses = measure(variant, samples, runtime, f"{name} restored {layer}")
+        rows.append(RestoredLayer(layer, sum(m.hit for m in masses) / len(masses), mean_mass(masses)))
+        del variant
+    return rows
+
+
 # ---- report ------------------------------------------------------------------------------------------------
 
 
@@ -73,7 +102,7 @@ def _cell(masses: dict[int, list[float]], layer: int, head: int) -> str:
 
 
 def render(teacher: list[ModelHeads], hybrids: dict[str, list[ModelHeads]], softmax: dict[str, list[int]],
-           command: str, machine: str, seconds: float) -> str:
+           restored: dict[str, list[RestoredLayer]], command: str, machine: str, seconds: float) -> str:
     lines = ["# Retrieval heads: where softmax heads look when a passkey must be recalled", "",
              f"{datetime.date.today()}, {machine}; {seconds:.0f} s", "", f"`{command}`", "",
              "Needle mass: the attention probability that the position predicting the answer's first token puts on "
@@ -105,7 +134,29 @@ def render(teacher: list[ModelHeads], hybrids: dict[str, list[ModelHeads]], soft
             kept = sorted(set(order[:k]) & set(softmax[n]))
             lines.append(f"Of the teacher's top {k} layers, {n} keeps {len(kept)} softmax: {kept or 'none'}.")
         lines.append("")
+    if restored:
+        lines += render_restored(teacher[-1], restored)
     return "\n".join(lines)
+
+
+def render_restored(teacher: ModelHeads, restored: dict[str, list[RestoredLayer]]) -> list[str]:
+    """One table per hybrid: far-needle recall and the teacher's strongest heads' mass, per restored layer."""
+    heads = [(layer, h) for layer, h, _ in top_heads(teacher, 6)]
+    lines = []
+    for name, rows in restored.items():
+        lines += [f"## {name} with one GDN layer restored to the teacher's softmax (passkey@{teacher.context}, "
+                  f"needle in the farthest quarter)", "",
+                  "Needle mass of the teacher's strongest heads where they are softmax in that variant (— where GDN); "
+                  "teacher's own in the first row.", "",
+                  "| restored layer | recalled | " + " | ".join(f"L{layer}.H{h}" for layer, h in heads) + " |",
+                  "|---|---|" + "---|" * len(heads),
+                  "| teacher | — | " + " | ".join(_cell(teacher.by_depth[0], layer, h) for layer, h in heads) + " |"]
+        for row in rows:
+            label = "none (as trained)" if row.layer is None else str(row.layer)
+            lines.append(f"| {label} | {row.recalled:.2f} | "
+                         + " | ".join(_cell(row.mean, layer, h) for layer, h in heads) + " |")
+        lines.append("")
+    return lines
 
 
 def plot(teacher: list[ModelHeads], softmax: dict[str, list[int]], path: Path) -> None:
@@ -146,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-attention", action="store_true",
                         help="also measure each hybrid with its softmax layers' attention weights put back to the "
                              "teacher's: tells a failure of the trained weights from one of their input")
+    parser.add_argument("--restore-each", action="store_true",
+                        help="also measure each hybrid once per GDN layer restored to the teacher's softmax, on the "
+                             "longest length's samples with the needle in the farthest quarter")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -167,10 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     teacher_heads = [summarise("teacher", L, measure(teacher, s, runtime, f"teacher@{L}")) for L, s in tasks.items()]
     teacher_attention = {i: {k: v.clone() for k, v in attn.state_dict().items()}
                          for i, attn in softmax_attention_layers(teacher).items()}
-    del teacher
-    hybrids, softmax = {}, {}
+    longest = max(tasks)
+    far = [s for s in tasks[longest] if int(s.depth * DEPTH_BINS) == 0]
+    if args.restore_each and not far:
+        parser.error(f"--restore-each: none of the {args.samples} samples at {longest} tokens has its needle in the "
+                     "farthest quarter; use more --samples")
+    hybrids, softmax, restored = {}, {}, {}
     for name, path in hybrid_paths.items():
         model, _ = load_model(path, runtime)
+        if args.restore_each:
+            restored[name] = restore_each(model, teacher, far, runtime, name)
         variants = [name]
         if args.teacher_attention:
             variants.append(f"{name}+teacher-attention")
@@ -182,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             hybrids[variant] = [summarise(variant, L, measure(model, s, runtime, f"{variant}@{L}"))
                                 for L, s in tasks.items()]
         del model
+    del teacher
     seconds = time.perf_counter() - started
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -189,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_description(runtime.device.type)
     report = {"command": command, "machine": machine, "date": str(datetime.date.today()), "seconds": seconds,
               "teacher": [asdict(t) for t in teacher_heads], "softmax_layers": softmax,
-              "hybrids": {n: [asdict(h) for h in runs] for n, runs in hybrids.items()}}
+              "hybrids": {n: [asdict(h) for h in runs] for n, runs in hybrids.items()},
+              "restored": {n: [asdict(r) for r in rows] for n, rows in restored.items()}}
     (args.out / "retrieval_heads.json").write_text(json.dumps(report, indent=1))
-    (args.out / "retrieval_heads.md").write_text(render(teacher_heads, hybrids, softmax, command, machine, seconds))
+    (args.out / "retrieval_heads.md").write_text(render(teacher_heads, hybrids, softmax, restored, command, machine, seconds))
     plot(teacher_heads, softmax, args.out / "retrieval_heads.png")
     print(f"wrote {args.out}/retrieval_heads.json, .md, .png")
     return 0

@@ -560,8 +560,56 @@ class BlockOrder:
 
 
 def batch_for_step(data: PackedData, order: BlockOrder, step: int, micro: int, micro_batch: int, grad_accum: int,
-                   rank: int = 0, world: int = 1) -> torch.Tensor:
+                   rank: int = 0, world: int = 1, copies: CopySpans | None = None) -> torch.Tensor:
     """The micro-batch `micro` of optimiser step `step` on process `rank`: [micro_batch, seq_len]."""
     global_batch = micro_batch * grad_accum * world
     start = step * global_batch + (micro * world + rank) * micro_batch
-    return data.train_batch(order.indices(start, micro_batch))
+    ids = data.train_batch(order.indices(start, micro_batch))
+    if copies is None or not copies.per_sequence:
+        return ids
+    return copy_spans(ids, order.first + start + np.arange(micro_batch), copies, order.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Long-range copies written into training sequences
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CopySpans:
+    """`per_sequence` spans of `tokens` tokens, each copied from a random place of a training sequence to a random
+    place at least `min_distance` tokens further on (`--set stage2.copies.per_sequence=4`; 0: off).
+
+    Packed text rarely repeats itself thousands of tokens apart, so the KL target seldom asks a hybrid to find
+    something that far back, and a passkey 3,000 tokens back is what the hybrids miss. The teacher reads the same
+    sequence: at a copy's tokens it predicts from the earlier occurrence, which the student must then find too."""
+
+    per_sequence: int = 0
+    tokens: int = 32
+    min_distance: int = 1024  # from the end of the source to the start of the copy
+
+    def check(self, seq_len: int, name: str) -> None:
+        if self.per_sequence < 0 or self.tokens < 1 or self.min_distance < 0:
+            raise UserError(f"{name}.copies: per_sequence must be 0 or more, tokens 1 or more and min_distance 0 or "
+                            f"more, got {self.per_sequence}, {self.tokens}, {self.min_distance}")
+        if self.per_sequence and 2 * self.tokens + self.min_distance > seq_len:
+            raise UserError(f"{name}.copies: two spans of {self.tokens} tokens {self.min_distance} apart do not fit in "
+                            f"a sequence of {seq_len} (seq_len); lower {name}.copies.min_distance or tokens")
+
+
+COPY_STREAM = 0xC0  # keeps the copies' random numbers apart from the block order's, which share the seed
+
+
+def copy_spans(ids: torch.Tensor, sequences: np.ndarray, copies: CopySpans, seed: int) -> torch.Tensor:
+    """ids [b, T] with `copies` written into each row. Row j's copies are a function of (seed, sequences[j]), its
+    index in the run's data order, so a resumed or continued run writes the same ones."""
+    out = ids.clone()
+    T = ids.shape[1]
+    last_source = T - 2 * copies.tokens - copies.min_distance
+    for row, sequence in enumerate(sequences):
+        rng = np.random.default_rng([seed, COPY_STREAM, int(sequence)])
+        for _ in range(copies.per_sequence):
+            src = int(rng.integers(0, last_source + 1))
+            dst = int(rng.integers(src + copies.tokens + copies.min_distance, T - copies.tokens + 1))
+            out[row, dst : dst + copies.tokens] = out[row, src : src + copies.tokens]
+    return out

@@ -24,7 +24,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -129,7 +129,8 @@ class Session:
         log_gdn_path(runtime)
         for seq_len in spec.preset.seq_lens:  # all data problems surface here, before any training
             session.data(seq_len)
-        for stage2 in (spec.preset.stage2, spec.preset.score.candidate):
+        for name, stage2 in (("stage2", spec.preset.stage2), ("score.candidate", spec.preset.score.candidate)):
+            stage2.copies.check(stage2.train.seq_len, name)
             session.data(stage2.train.seq_len, stage2.min_doc_tokens)
         if runtime.is_main and not run_file.is_file():
             write_json_atomic(run_file, identity)
@@ -356,6 +357,8 @@ def _distill(s: Session, hybrid: HybridForCausalLM, first_sequence: int) -> None
     prov["stage2_sequences"] = first_sequence + cfg.train.steps * cfg.train.batch
     if cfg.min_doc_tokens:
         prov["stage2_min_doc_tokens"] = cfg.min_doc_tokens
+    if cfg.copies.per_sequence:
+        prov["stage2_copies"] = asdict(cfg.copies)
     s.kl_once("stage 2", lambda: hybrid)
 
 

@@ -193,7 +193,7 @@ class SharedScoringInputs:
         for step in range(tcfg.steps):
             micro_batches = []
             for micro in range(accum):
-                ids = batch_for_step(data, order, step, micro, tcfg.micro_batch, accum)
+                ids = batch_for_step(data, order, step, micro, tcfg.micro_batch, accum, copies=cfg.candidate.copies)
                 with runtime.autocast():
                     h_t = teacher.model(input_ids=ids.to(runtime.device), use_cache=False).last_hidden_state
                 micro_batches.append((_to_host(ids), _to_host(h_t, runtime.amp_dtype)))

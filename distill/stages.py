@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.data import BlockOrder, PackedData, batch_for_step
+from distill.data import BlockOrder, CopySpans, PackedData, batch_for_step
 from distill.distributed import Runtime
 from distill.evaluate import EvalSet, heldout_kl, kl_from_hidden
 from distill.model.compiled import set_compiled
@@ -211,6 +211,7 @@ class Stage2Config:
     # train only on documents at least this many tokens long (distill.data.DataSpec.min_doc_tokens): recall over
     # thousands of tokens needs training sequences whose dependencies span them; 0 keeps every document
     min_doc_tokens: int = 0
+    copies: CopySpans = CopySpans()  # long-range copies written into each training sequence (off by default)
 
 
 TeacherHiddenFn = Callable[[torch.Tensor], torch.Tensor]
@@ -258,7 +259,8 @@ def run_stage2(
         accum = tcfg.grad_accum(runtime.world)
 
         def get_batch(step: int, micro: int) -> torch.Tensor:
-            return batch_for_step(data, order, step, micro, tcfg.micro_batch, accum, runtime.rank, runtime.world)
+            return batch_for_step(data, order, step, micro, tcfg.micro_batch, accum, runtime.rank, runtime.world,
+                                  cfg.copies)
 
     def loss_fn(model: HybridForCausalLM, batch) -> tuple[torch.Tensor, dict]:
         ids, h_t = batch if isinstance(batch, tuple) else (batch, run_teacher(batch))

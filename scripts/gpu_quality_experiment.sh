@@ -38,6 +38,8 @@
 #
 # The `small` preset's Stage-2 mixer LR is 2e-4 since 2026-12-06 (bench/results/quality_h100/stage2_4k_lr2/); runs
 # before it used 1e-4: add `--set stage2.train.lr=1e-4` to EXTRA to repeat one of them.
+# Long-range copies in every Stage-2 sequence (distill.data.CopySpans; TAG=4k-copy, `--set
+# stage2.copies.per_sequence=4` on the 4K settings): the KL then asks for text 1,024-4,000 tokens back.
 # Cosine instead of the constant Stage-2 LR (TAG=4k-cos, `--set stage2.train.schedule=cosine --set
 # stage2.train.warmup_steps=20` on the 4K settings): worse at 32.8M tokens (bench/results/quality_h100/stage2_4k_cos/).
 #

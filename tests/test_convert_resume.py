@@ -24,6 +24,7 @@ SETTINGS = [
     "score.eval_batch=2",
     "stage2.train.seq_len=32", "stage2.train.steps=40", "stage2.train.save_every=1", "stage2.train.lr=0.001",
     "stage2.other_lr=0.0001", "stage2.min_doc_tokens=8",  # every document of the corpus is longer
+    "stage2.copies.per_sequence=1", "stage2.copies.tokens=4", "stage2.copies.min_distance=8",  # resumed alike
 ]
 
 
@@ -145,6 +146,10 @@ def test_bad_data_fails_before_training(env, tmp_path, monkeypatch, capsys):
     assert main(command(root, out, data=str(tmp_path / "nope.jsonl"))[3:]) == 2
     assert "no such file or folder" in capsys.readouterr().err
 
+    assert main(command(root, out)[3:] + ["--set", "stage2.copies.min_distance=30"]) == 2
+    assert "stage2.copies: two spans of 4 tokens 30 apart do not fit in a sequence of 32" in capsys.readouterr().err
+    assert not (tmp_path / "out.work" / "stage1").exists() and not out.exists()
+
 
 def test_rerun_with_other_settings_is_refused(env, uninterrupted, tmp_path, monkeypatch, capsys):
     from distill.cli import main
@@ -213,9 +218,11 @@ def test_stage_subcommands_chain(env, tmp_path, monkeypatch, capsys):
     ranking = json.loads((tmp_path / "rank" / "ranking.json").read_text())
     assert ranking["selector"] == "ga-s1" and (tmp_path / "rank" / "layer_scores.png").is_file()
     assert main(["distill", *common, *small, "--stage1", str(tmp_path / "s1"), "--ranking", str(tmp_path / "rank"),
-                 "--k", "1", "--set", "stage2.min_doc_tokens=8", "--out", str(tmp_path / "s2")]) == 0
+                 "--k", "1", "--set", "stage2.min_doc_tokens=8", "--set", "stage2.copies.per_sequence=2",
+                 "--set", "stage2.copies.tokens=4", "--set", "stage2.copies.min_distance=8", "--out", str(tmp_path / "s2")]) == 0
     config = json.loads((tmp_path / "s2" / "config.json").read_text())
     assert config["provenance"]["stage2_min_doc_tokens"] == 8
+    assert config["provenance"]["stage2_copies"] == {"per_sequence": 2, "tokens": 4, "min_distance": 8}
     assert [i for i, t in enumerate(config["layer_types"]) if t == "full_attention"] == ranking["order"][:1]
     assert main(["finetune", "--model", str(tmp_path / "s2"), "--data", str(root / "corpus.md"), *small,
                  "--steps", "2", "--out", str(tmp_path / "s3")]) == 0

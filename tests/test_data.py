@@ -13,8 +13,10 @@ import torch
 
 from distill.data import (
     BlockOrder,
+    CopySpans,
     DataSpec,
     batch_for_step,
+    copy_spans,
     demo_files,
     prepare_data,
     resolve_sources,
@@ -272,6 +274,48 @@ def test_block_order_is_a_function_of_the_step(tmp_path, tok, cache):
     two_procs = torch.cat([batch_for_step(data, order, 3, 0, 2, 1, rank=r, world=2) for r in range(2)])
     one_proc = torch.cat([batch_for_step(data, order, 3, m, 2, 2) for m in range(2)])
     assert torch.equal(two_procs, one_proc)
+
+
+def test_copy_spans_repeat_earlier_tokens_far_back_and_depend_only_on_the_sequence_index():
+    """Rows of distinct token ids: every token a copy changed is found earlier in the original row at least
+    tokens + min_distance back; a row's copies follow its index in the data order, not its batch."""
+    copies = CopySpans(per_sequence=3, tokens=8, min_distance=40)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(10_000, generator=gen)[:128] for _ in range(4)])
+    before = ids.clone()
+    out = copy_spans(ids, np.array([10, 11, 12, 13]), copies, seed=5)
+    for row in range(4):
+        changed = (out[row] != ids[row]).nonzero().flatten().tolist()
+        assert 0 < len(changed) <= copies.per_sequence * copies.tokens
+        first_seen = {int(v): i for i, v in enumerate(ids[row])}
+        assert all(p - first_seen[int(out[row, p])] >= copies.tokens + copies.min_distance for p in changed)
+    assert torch.equal(copy_spans(ids[2:3], np.array([12]), copies, seed=5)[0], out[2])
+    assert not torch.equal(copy_spans(ids[2:3], np.array([14]), copies, seed=5)[0], out[2])
+    assert not torch.equal(copy_spans(ids[2:3], np.array([12]), copies, seed=6)[0], out[2])
+    assert torch.equal(ids, before)  # the input is left as it was
+
+
+def test_batches_with_copies_follow_the_data_order(tmp_path, tok, cache):
+    path = tmp_path / "a.txt"
+    path.write_text("\n\n".join(random_docs(40, seed=7)))
+    data = prepare_data(spec(path), tok, cache)
+    copies = CopySpans(per_sequence=2, tokens=4, min_distance=16)
+    plain = batch_for_step(data, BlockOrder(len(data.train), 0), 2, 1, 2, 2)
+    assert torch.equal(batch_for_step(data, BlockOrder(len(data.train), 0), 2, 1, 2, 2, copies=CopySpans()), plain)
+    copied = batch_for_step(data, BlockOrder(len(data.train), 0), 2, 1, 2, 2, copies=copies)
+    assert copied.shape == plain.shape and not torch.equal(copied, plain)
+    # a run that goes on after 10 sequences (hybrid distill --from) reads what one longer run read, copies included
+    later = batch_for_step(data, BlockOrder(len(data.train), 0, first=10), 0, 0, 2, 1, copies=copies)
+    assert torch.equal(later, batch_for_step(data, BlockOrder(len(data.train), 0), 5, 0, 2, 1, copies=copies))
+
+
+def test_copy_settings_are_checked_against_the_sequence_length():
+    CopySpans(per_sequence=1, tokens=32, min_distance=1024).check(1088, "stage2")
+    with pytest.raises(UserError, match="do not fit in a sequence of 1087.*stage2.copies.min_distance"):
+        CopySpans(per_sequence=1, tokens=32, min_distance=1024).check(1087, "stage2")
+    CopySpans(per_sequence=0, tokens=32, min_distance=1024).check(64, "stage2")  # off: nothing to fit
+    with pytest.raises(UserError, match="score.candidate.copies: per_sequence must be 0 or more"):
+        CopySpans(per_sequence=-1).check(4096, "score.candidate")
 
 
 def test_streamed_dataset_through_datasets(tmp_path, tok, cache):

@@ -103,3 +103,30 @@ def test_report_with_the_teachers_attention_put_back(tmp_path):
         assert put_back[layer] == pytest.approx(masses, abs=1e-5)
     assert max(abs(a - b) for layer in teacher_mass for a, b in zip(as_trained[layer], teacher_mass[layer])) > 1e-3
     assert (tmp_path / "out" / "retrieval_heads.md").is_file() and (tmp_path / "out" / "retrieval_heads.png").is_file()
+
+
+def test_restore_each_puts_one_gdn_layer_back_at_a_time(tmp_path):
+    """--restore-each measures the hybrid as trained and once per GDN layer restored to softmax; layer 0 restored
+    sees the embeddings, as the teacher's layer 0 does, so its heads' needle mass is the teacher's."""
+    import json
+
+    from bench.retrieval_heads import main
+    from distill.model.checkpoint import save_hybrid
+    from distill.model.transfer import hybrid_from_teacher
+
+    teacher, tok = make_teacher("llama", num_layers=3, hidden=64, heads=4, kv_heads=2)
+    teacher = peaked(teacher)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    save_hybrid(hybrid_from_teacher(teacher, ["linear_attention", "full_attention", "linear_attention"]), tok,
+                tmp_path / "hybrid", dtype="float32")
+    assert main(["--teacher", str(tmp_path / "teacher"), "--hybrid", f"h={tmp_path / 'hybrid'}", "--lengths", "96",
+                 "--samples", "8", "--restore-each", "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "retrieval_heads.json").read_text())
+    rows = report["restored"]["h"]
+    assert [r["layer"] for r in rows] == [None, 0, 2]
+    assert [sorted(r["mean"]) for r in rows] == [["1"], ["0", "1"], ["1", "2"]]
+    far_teacher = report["teacher"][0]["by_depth"][0]
+    assert rows[1]["mean"]["0"] == pytest.approx(far_teacher["0"], abs=1e-5)
+    assert rows[2]["mean"]["1"] == pytest.approx(rows[0]["mean"]["1"], abs=1e-6)  # layer 2 is after layer 1
+    assert "restored to the teacher's softmax" in (tmp_path / "out" / "retrieval_heads.md").read_text()
