@@ -108,7 +108,7 @@ def load_rows(root: Path) -> list[Row]:
             if key in rows:
                 merge(rows[key].model, model)
             else:
-                device = report.device.removeprefix("NVIDIA ").split()[0]
+                device = report.device.removeprefix("NVIDIA ").split()[0].rstrip(",")
                 rows[key] = Row(run, report.date, device, model, *training_cost(path.parent, model.name, model))
     return list(rows.values())
 
@@ -154,7 +154,7 @@ def render(groups: list[Group], root: Path) -> str:
         recall, lm_eval = _cells(members)
         title = ("held-out text unknown (no teacher perplexity in these runs)" if group.teacher_perplexity is None
                  else f"Held-out text on which the teacher's perplexity is {group.teacher_perplexity:.2f}")
-        header = (["run", "date, GPU", "model", "softmax layers", "Stage 2 tokens", "Stage 2 min", "held-out KL",
+        header = (["run", "date, device", "model", "softmax layers", "Stage 2 tokens", "Stage 2 min", "held-out KL",
                    "perplexity"] + [f"{t}@{c}" for t, c in recall] + [f"{t} {m.split(',')[0]}" for t, m in lm_eval])
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in members:

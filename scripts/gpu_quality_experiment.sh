@@ -38,6 +38,8 @@
 #
 # The `small` preset's Stage-2 mixer LR is 2e-4 since 2026-12-06 (bench/results/quality_h100/stage2_4k_lr2/); runs
 # before it used 1e-4: add `--set stage2.train.lr=1e-4` to EXTRA to repeat one of them.
+# Layer 7 (bench/results/quality_h100/retrieval_heads/restore_each/: restored alone into the 65.5M GA-S2 hybrid, it
+# brings back the far passkeys): HYBRIDS="ga-s2-l7=1,2,5,7,8,17,18,20 retrieval" TAG=4k-lr2 on the 4K settings.
 # Long-range copies in every Stage-2 sequence (distill.data.CopySpans; TAG=4k-copy, `--set
 # stage2.copies.per_sequence=4` on the 4K settings): the KL then asks for text 1,024-4,000 tokens back.
 # Cosine instead of the constant Stage-2 LR (TAG=4k-cos, `--set stage2.train.schedule=cosine --set
