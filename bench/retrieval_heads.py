@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.distributed import init_runtime
-from distill.eval_recall import DEPTH_BINS
+from distill.distributed import Runtime, init_runtime
+from distill.eval_recall import DEPTH_BINS, depth_bin
 from distill.model.transfer import restore_softmax
 from distill.provenance import machine_description
 from distill.recall_tasks import RecallSample, RecallTaskSpec, build_recall_task
@@ -81,8 +81,8 @@ class RestoredLayer:
     mean: dict[int, list[float]]  # needle mass per softmax layer (the restored one included) and head
 
 
-def restore_each(model: nn.Module, teacher: nn.Module, samples: list[RecallSample], runtime, name: str
-                 ) -> list[RestoredLayer]:
+def restore_each(model: nn.Module, teacher: nn.Module, samples: list[RecallSample], runtime: Runtime,
+                 name: str) -> list[RestoredLayer]:
     """The hybrid as trained, then once per GDN layer with only that layer restored to the teacher's softmax."""
     gdn = [i for i in range(len(model.model.layers)) if i not in softmax_attention_layers(model)]
     rows = []
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_attention = {i: {k: v.clone() for k, v in attn.state_dict().items()}
                          for i, attn in softmax_attention_layers(teacher).items()}
     longest = max(tasks)
-    far = [s for s in tasks[longest] if int(s.depth * DEPTH_BINS) == 0]
+    far = [s for s in tasks[longest] if depth_bin(s) == 0]
     if args.restore_each and not far:
         parser.error(f"--restore-each: none of the {args.samples} samples at {longest} tokens has its needle in the "
                      "farthest quarter; use more --samples")

@@ -22,6 +22,11 @@ from distill.recall_tasks import RecallSample, RecallTaskSpec
 DEPTH_BINS = 4  # the misses are counted per quarter of the filler in which the answer's needle starts
 
 
+def depth_bin(sample: RecallSample) -> int:
+    """The quarter of the filler in which the sample's needle starts: 0 farthest from the question."""
+    return min(int(sample.depth * DEPTH_BINS), DEPTH_BINS - 1)
+
+
 @torch.no_grad()
 def answer_logprobs(model: nn.Module, ids: torch.Tensor, answer_lens: list[int],
                     runtime: Runtime) -> tuple[list[float], list[bool], list[bool]]:
@@ -56,7 +61,7 @@ def score_recall(model: nn.Module, spec: RecallTaskSpec, samples: list[RecallSam
         lp_with, greedy, first = answer_logprobs(model, torch.tensor([s.ids for s in chunk]), lens, runtime)
         lp_without, _, _ = answer_logprobs(model, torch.tensor([s.ids_without for s in chunk]), lens, runtime)
         for sample, hit in zip(chunk, greedy):
-            depth = min(int(sample.depth * DEPTH_BINS), DEPTH_BINS - 1)
+            depth = depth_bin(sample)
             depth_samples[depth] += 1
             depth_hits[depth] += hit
         hits += sum(greedy)

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill.distributed import Runtime
-from distill.eval_recall import DEPTH_BINS
+from distill.eval_recall import depth_bin
 from distill.recall_tasks import RecallSample
 
 
@@ -86,8 +86,7 @@ def measure(model: nn.Module, samples: list[RecallSample], runtime: Runtime, des
             for handle in handles:
                 handle.remove()
         hit = logits[0, 0].argmax().item() == sample.ids[query + 1]
-        depth = min(int(sample.depth * DEPTH_BINS), DEPTH_BINS - 1)
-        out.append(SampleMass(depth, bool(hit), found))
+        out.append(SampleMass(depth_bin(sample), bool(hit), found))
     return out
 
 
