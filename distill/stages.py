@@ -41,29 +41,45 @@ from kernels.compiled import compiled
 # ---------------------------------------------------------------------------------------------
 
 
+class _AllCaptured(Exception):
+    """Raised by the last hook of a partial capture: the rest of the forward is not needed."""
+
+
 @torch.no_grad()
-def capture_attention(teacher: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def capture_attention(teacher: nn.Module, input_ids: torch.Tensor,
+                      indices: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs [L, B, T, d], outputs [L, B, T, d]): every layer's attention-block input (after its input
     norm) and that block's output, written into one tensor each as the forward passes (Stage 1 feeds them
-    to its stacked mixers as they are)."""
-    layers = teacher.model.layers
+    to its stacked mixers as they are). `indices`: only those layers, in that order (any model whose
+    decoder layers hold `self_attn` there: a teacher, or a hybrid's softmax layers); the forward stops
+    after the deepest of them."""
+    partial = indices is not None
+    indices = list(range(len(teacher.model.layers))) if indices is None else list(indices)
+    layers = [teacher.model.layers[i] for i in indices]
     inputs: torch.Tensor | None = None
     outputs: torch.Tensor | None = None
+    captured = 0
 
     def hook(index: int, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        nonlocal inputs, outputs
+        nonlocal inputs, outputs, captured
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         y = output[0]
         if inputs is None:
             inputs, outputs = x.new_empty((len(layers), *x.shape)), y.new_empty((len(layers), *y.shape))
         inputs[index].copy_(x)
         outputs[index].copy_(y)
+        captured += 1
+        if partial and captured == len(layers):
+            raise _AllCaptured
 
     handles = [layer.self_attn.register_forward_hook(functools.partial(hook, i), with_kwargs=True)
                for i, layer in enumerate(layers)]
     try:
-        # the last layer's MLP and the final norm are not needed; stopping early is not worth the code
+        # a full capture runs the last layer's MLP and the final norm too: stopping early is not worth the
+        # code in Stage 1, whose teacher forward may be compiled
         teacher.model(input_ids=input_ids, use_cache=False)
+    except _AllCaptured:
+        pass
     finally:
         for handle in handles:
             handle.remove()

@@ -40,6 +40,8 @@
 # before it used 1e-4: add `--set stage2.train.lr=1e-4` to EXTRA to repeat one of them.
 # Layer 7 (bench/results/quality_h100/retrieval_heads/restore_each/: restored alone into the 65.5M GA-S2 hybrid, it
 # brings back the far passkeys): HYBRIDS="ga-s2-l7=1,2,5,7,8,17,18,20 retrieval" TAG=4k-lr2 on the 4K settings.
+# Layer 7 for layer 5 (bench/results/quality_h100/swap_l7_for_l5/: swapped into the 65.5M hybrid on a CPU, no Stage 2
+# after it, passkey@2K 0.97 at KL 0.112): HYBRIDS="l7-for-l5=1,2,7,8,17,18,20,24" TAG=4k-lr2 trains those 8 from Stage 1.
 # Long-range copies in every Stage-2 sequence (distill.data.CopySpans; TAG=4k-copy, `--set
 # stage2.copies.per_sequence=4` on the 4K settings): the KL then asks for text 1,024-4,000 tokens back.
 # Cosine instead of the constant Stage-2 LR (TAG=4k-cos, `--set stage2.train.schedule=cosine --set

@@ -67,6 +67,24 @@ def test_capture_attention_taps_each_blocks_input_and_output(setup):
         torch.testing.assert_close(out, y, atol=1e-5, rtol=1e-4)
 
 
+def test_a_partial_capture_taps_the_chosen_layers_of_a_hybrid_and_stops_after_them(setup):
+    teacher, _, data, _ = setup
+    ids = data.train_batch([0, 1])
+    full_in, full_out = capture_attention(teacher, ids)
+    inputs, outputs = capture_attention(teacher, ids, [1, 0])
+    torch.testing.assert_close(inputs, full_in[[1, 0]], atol=0, rtol=0)
+    torch.testing.assert_close(outputs, full_out[[1, 0]], atol=0, rtol=0)
+    # a hybrid's softmax layers are tapped the same way; the layers after the deepest one never run
+    hybrid = restore_softmax(all_linear(teacher), teacher, [1])
+    ran = []
+    hook = hybrid.model.layers[2].register_forward_hook(lambda *_: ran.append(2))
+    inputs, outputs = capture_attention(hybrid, ids, [1])
+    hook.remove()
+    assert ran == [] and inputs.shape == (1, *ids.shape, teacher.config.hidden_size)
+    x1 = hybrid.model.layers[0](hybrid.model.embed_tokens(ids), hybrid.model.rotary_emb(full_in[0], torch.arange(SEQ)[None]))
+    torch.testing.assert_close(inputs[0], hybrid.model.layers[1].input_layernorm(x1), atol=1e-5, rtol=1e-4)
+
+
 def test_restoring_every_layer_gives_back_the_teacher(setup):
     teacher, _, data, eval_set = setup
     hybrid = restore_softmax(all_linear(teacher), teacher, [0, 1, 2])
