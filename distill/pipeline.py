@@ -53,8 +53,10 @@ from distill.selection import (
     score_ga_s1,
     score_ga_s2,
     score_kl_restore,
+    score_reach,
     score_retrieval,
     uniform_ranking,
+    with_reach,
 )
 from distill.stages import describe_stage1_mixers, run_stage1, run_stage2, run_stage3
 from distill.train import read_log
@@ -105,8 +107,9 @@ class Session:
 
     # ---- setup ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, spec: RunSpec, runtime: Runtime, identity: dict) -> Session:
-        """Check the work dir belongs to this run, load the teacher, tokenise every data set needed."""
+    def open(cls, spec: RunSpec, runtime: Runtime, identity: dict, read_data: bool = True) -> Session:
+        """Check the work dir belongs to this run, load the teacher, tokenise every data set needed (none with
+        read_data=False: a selector that reads only the teacher)."""
         spec.work_dir.mkdir(parents=True, exist_ok=True)
         run_file = spec.work_dir / "run.json"
         if run_file.is_file():
@@ -127,11 +130,12 @@ class Session:
             runtime.barrier()
         session = cls(spec, runtime, teacher.to(runtime.device).eval().requires_grad_(False), tokenizer)
         log_gdn_path(runtime)
-        for seq_len in spec.preset.seq_lens:  # all data problems surface here, before any training
+        for seq_len in spec.preset.seq_lens if read_data else []:  # all data problems surface here, before training
             session.data(seq_len)
         for name, stage2 in (("stage2", spec.preset.stage2), ("score.candidate", spec.preset.score.candidate)):
             stage2.copies.check(stage2.train.seq_len, name)
-            session.data(stage2.train.seq_len, stage2.min_doc_tokens)
+            if read_data:
+                session.data(stage2.train.seq_len, stage2.min_doc_tokens)
         if runtime.is_main and not run_file.is_file():
             write_json_atomic(run_file, identity)
         return session
@@ -273,29 +277,36 @@ def step_score(s: Session, stage1: HybridForCausalLM, selector: str) -> Ranking:
         return Ranking.load(path)
     if selector not in SELECTORS:
         raise UserError(f"--selector must be one of {', '.join(SELECTORS)}, got {selector!r}")
-    L = s.teacher.config.num_hidden_layers
     with _timed(s, f"layer selection ({selector})"):
-        if selector == "ga-s2":
+        base, _, reach = selector.partition("+")
+        ranking = _score(s, stage1, base, score_dir)
+        if reach:
             cfg = s.preset.score
-            data = s.data(cfg.candidate.train.seq_len, cfg.candidate.min_doc_tokens)
-            ranking = score_ga_s2(s.teacher, stage1, data, cfg, score_dir, s.runtime)
-        elif selector == "kl-restore":
-            cfg = s.preset.score
-            data = s.data(cfg.candidate.train.seq_len, cfg.candidate.min_doc_tokens)
-            ranking = score_kl_restore(s.teacher, stage1, data, cfg, score_dir, s.runtime)
-        elif selector == "ga-s1":
-            ranking = score_ga_s1(s.teacher, stage1, s.eval_set(s.preset.stage1.seq_len), s.runtime, s.preset.align_loss)
-        elif selector == "ablation":
-            ranking = score_ablation(s.teacher, s.tokenizer, s.preset.score, score_dir, s.runtime)
-        elif selector == "retrieval":
-            ranking = score_retrieval(s.teacher, s.tokenizer, s.preset.score, s.runtime)
-        else:
-            ranking = uniform_ranking(L)
+            ranking = with_reach(ranking, _score(s, stage1, reach, score_dir), cfg.reach_threshold)
         if s.runtime.is_main:
             score_dir.mkdir(parents=True, exist_ok=True)
             ranking.save(path)
         s.runtime.barrier()
     return ranking
+
+
+def _score(s: Session, stage1: HybridForCausalLM, selector: str, score_dir: Path) -> Ranking:
+    cfg = s.preset.score
+    if selector == "ga-s2":
+        data = s.data(cfg.candidate.train.seq_len, cfg.candidate.min_doc_tokens)
+        return score_ga_s2(s.teacher, stage1, data, cfg, score_dir, s.runtime)
+    if selector == "kl-restore":
+        data = s.data(cfg.candidate.train.seq_len, cfg.candidate.min_doc_tokens)
+        return score_kl_restore(s.teacher, stage1, data, cfg, score_dir, s.runtime)
+    if selector == "ga-s1":
+        return score_ga_s1(s.teacher, stage1, s.eval_set(s.preset.stage1.seq_len), s.runtime, s.preset.align_loss)
+    if selector == "ablation":
+        return score_ablation(s.teacher, s.tokenizer, cfg, score_dir, s.runtime)
+    if selector == "retrieval":
+        return score_retrieval(s.teacher, s.tokenizer, cfg, s.runtime)
+    if selector == "reach":
+        return score_reach(s.teacher, s.tokenizer, cfg, score_dir, s.runtime)
+    return uniform_ranking(s.teacher.config.num_hidden_layers)
 
 
 def step_stage2(s: Session, stage1: HybridForCausalLM, chosen: list[int], ranking: Ranking) -> HybridForCausalLM:

@@ -50,7 +50,9 @@ def register(subparsers) -> None:
     which.add_argument("--k", type=int, help="number of layers kept softmax")
     p.add_argument("--selector", default="ga-s2",
                    help="ga-s2 (KL-guided, default) | kl-restore (GA-S2 with no training, cheap) | ga-s1 | ablation | "
-                        "retrieval (the teacher's retrieval heads, no training) | uniform")
+                        "retrieval (the teacher's retrieval heads, no training) | reach (the layers whose long-range "
+                        "attention far-needle recall needs, no training) | uniform | ga-s2+reach, kl-restore+reach "
+                        "(the reach layers first, then the KL ranking)")
     p.add_argument("--out", required=True, type=Path, help="output directory: HF checkpoint + report.md")
     p.set_defaults(func=run_convert)
 
@@ -65,8 +67,10 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("score", help="rank layers for softmax attention (GA-S2 and baselines)")
     _common(p)
-    p.add_argument("--stage1", type=Path, help="output of `hybrid align` (needed by ga-s2 and ga-s1)")
-    p.add_argument("--selector", default="ga-s2", help="ga-s2 | kl-restore | ga-s1 | ablation | retrieval | uniform")
+    p.add_argument("--stage1", type=Path, help="output of `hybrid align` (needed by ga-s2, kl-restore and ga-s1)")
+    p.add_argument("--selector", default="ga-s2",
+                   help="ga-s2 | kl-restore | ga-s1 | ablation | retrieval | reach | uniform | ga-s2+reach | "
+                        "kl-restore+reach")
     p.add_argument("--k", type=int, help="highlight the top K in the plot")
     p.add_argument("--out", required=True, type=Path, help="directory for ranking.json and plots")
     p.set_defaults(func=run_score)
@@ -131,11 +135,11 @@ def _run_spec(args, command: str, extra: dict):
     return spec, identity
 
 
-def _session(args, runtime, command: str, extra: dict):
+def _session(args, runtime, command: str, extra: dict, read_data: bool = True):
     from distill.pipeline import Session
 
     spec, identity = _run_spec(args, command, extra)
-    return Session.open(spec, runtime, identity)
+    return Session.open(spec, runtime, identity, read_data)
 
 
 def _asdict(obj):
@@ -204,12 +208,14 @@ def run_align(args) -> None:
 
 def run_score(args) -> None:
     from distill.pipeline import load_hybrid, save_ranking_outputs, step_score
+    from distill.selection import NEEDS_STAGE1, TEACHER_ONLY
 
-    if args.selector in ("ga-s2", "kl-restore", "ga-s1") and args.stage1 is None:
+    if args.selector.partition("+")[0] in NEEDS_STAGE1 and args.stage1 is None:
         raise UserError(f"--selector {args.selector} needs --stage1 DIR (the output of `hybrid align`)")
     _check_out(args)
     runtime = _runtime(args)
-    s = _session(args, runtime, "score", {"selector": args.selector, "stage1": str(args.stage1)})
+    s = _session(args, runtime, "score", {"selector": args.selector, "stage1": str(args.stage1)},
+                 read_data=args.selector not in TEACHER_ONLY)
     stage1 = load_hybrid(args.stage1, runtime) if args.stage1 else None
     if stage1 is not None and stage1.config.softmax_layers:
         raise UserError(f"--stage1 {args.stage1} is not all-linear (softmax layers {stage1.config.softmax_layers})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def plot_scores(ranking: Ranking, chosen: list[int], path: Path) -> Path:
         values = [ranking.scores[i] for i in layers]
         colors = ["tab:red" if i in chosen else "tab:gray" for i in layers]
         ax.bar(layers, values, color=colors)
-        ax.set_ylabel(ranking.metric, fontsize=8)
+        ax.set_ylabel(textwrap.fill(ranking.metric, 45), fontsize=7)  # a metric may be a sentence long
         better = "lower" if ranking.lower_is_more_important else "higher"
         ax.set_title(f"{ranking.selector}: per-layer score ({better} = keep softmax); red = chosen", fontsize=9)
         if ranking.lower_is_more_important and min(values) > 0:

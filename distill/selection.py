@@ -14,7 +14,17 @@ Selectors (`hybrid score --selector ...`):
               from the position that predicts the answer (`distill.retrieval_heads`); a layer scores its
               strongest head's mean needle mass (higher = matters more). No training, one teacher forward
               per prompt.
+    reach     the teacher's long-range layers: on passkey prompts whose needle lies in the farthest quarter
+              of the filler, clip one layer's attention to the last `score.reach_window` tokens and measure
+              how much log-probability the answer loses (nats; higher = the layer's reach matters more). A
+              GDN layer keeps the recent past well and the far past blurred, so this asks which layers recall
+              needs to see far back. No training, L teacher forwards per prompt.
     uniform   no ranking: K evenly spaced layers.
+
+    A+reach   (ga-s2+reach, kl-restore+reach) A's order with the layers whose `reach` score is at least
+              `score.reach_threshold` nats put first: softmax goes first to the layers far recall cannot do
+              without, then by A. KL over ordinary text hardly sees such a layer (SmolLM2's layer 7: GA-S2
+              26th of 30, yet the one GDN layer that loses the far passkey).
 
 GA-S2 costs L short Stage-2 runs. What is shared between candidates without changing any score:
   * the training batches and the teacher's final hidden states for them, computed once per process;
@@ -31,7 +41,8 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -42,15 +53,19 @@ from distill.atomic_io import write_json_atomic
 from distill.data import BlockOrder, PackedData, batch_for_step
 from distill.distributed import Runtime
 from distill.errors import UserError
+from distill.eval_recall import answer_logprobs, depth_bin
 from distill.evaluate import EvalSet, kl_from_hidden
 from distill.model.modeling import HybridForCausalLM
 from distill.model.transfer import restore_softmax
 from distill.placement import uniform_softmax_layers
-from distill.recall_tasks import RecallTaskSpec, build_recall_task
+from distill.recall_tasks import RecallSample, RecallTaskSpec, build_recall_task
 from distill.retrieval_heads import layer_scores, mean_mass, measure
 from distill.stages import Stage2Config, heldout_alignment, run_stage2
 
-SELECTORS = ("ga-s2", "kl-restore", "ga-s1", "ablation", "retrieval", "uniform")
+SELECTORS = ("ga-s2", "kl-restore", "ga-s1", "ablation", "retrieval", "reach", "uniform", "ga-s2+reach",
+             "kl-restore+reach")
+NEEDS_STAGE1 = ("ga-s2", "kl-restore", "ga-s1")  # selectors that score the all-linear Stage-1 model
+TEACHER_ONLY = ("ablation", "retrieval", "reach", "uniform")  # selectors that read no training text
 RANKING_FILE = "ranking.json"
 
 
@@ -136,7 +151,9 @@ class ScoreConfig:
     eval_blocks: int = 0  # candidates are scored on the first N held-out blocks (0: all of them)
     recall_samples: int = 32  # ablation and retrieval selectors: synthetic recall prompts
     recall_pairs: int = 16  # ablation: key/value pairs per prompt
-    retrieval_context: int = 4096  # retrieval: tokens per passkey prompt (at most the teacher's context)
+    retrieval_context: int = 4096  # retrieval and reach: tokens per passkey prompt (at most the teacher's context)
+    reach_window: int = 256  # reach: the clipped layer sees this many tokens back (at most a quarter of the prompt)
+    reach_threshold: float = 1.0  # A+reach: layers whose reach score is at least this (nats) go first
 
 
 def _to_host(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -415,12 +432,17 @@ def score_ablation(teacher: nn.Module, tokenizer, cfg: ScoreConfig, work_dir: Pa
 # ---------------------------------------------------------------------------------------------
 
 
+def prompt_length(teacher: nn.Module, cfg: ScoreConfig) -> int:
+    """Tokens per passkey prompt of the retrieval and reach selectors: at most the teacher's context."""
+    return min(cfg.retrieval_context, getattr(teacher.config, "max_position_embeddings", None) or cfg.retrieval_context)
+
+
 def score_retrieval(teacher: nn.Module, tokenizer, cfg: ScoreConfig, runtime: Runtime) -> Ranking:
     """Rank layers by the needle mass of their strongest head on passkey prompts (ties: the layer's summed mass).
 
     The prompts are `cfg.retrieval_context` tokens long, or the teacher's context where that is shorter. Every
     process computes the same ranking (a few forwards; nothing to share)."""
-    context = min(cfg.retrieval_context, getattr(teacher.config, "max_position_embeddings", None) or cfg.retrieval_context)
+    context = prompt_length(teacher, cfg)
     spec = RecallTaskSpec("passkey", context, cfg.recall_samples)
     try:
         samples = build_recall_task(spec, tokenizer)
@@ -434,4 +456,103 @@ def score_retrieval(teacher: nn.Module, tokenizer, cfg: ScoreConfig, runtime: Ru
         metric="needle attention mass of the layer's strongest head on passkey prompts",
         details={"head_mass": {str(layer): m for layer, m in per_head.items()}, "samples": len(rows),
                  "context": context, "teacher_recalled": sum(r.hit for r in rows) / len(rows)},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher's long-range layers
+# ---------------------------------------------------------------------------------------------
+
+
+def far_passkey_samples(tokenizer, context: int, count: int, seed: int = 0) -> list[RecallSample]:
+    """`count` passkey prompts of `context` tokens whose needle starts in the farthest quarter of the filler."""
+    spec = RecallTaskSpec("passkey", context, samples=8 * count, seed=seed)
+    far = [sample for sample in build_recall_task(spec, tokenizer) if depth_bin(sample) == 0][:count]
+    if not far:
+        raise UserError(f"no passkey prompt of {context} tokens put its needle in the farthest quarter")
+    return far
+
+
+def local_window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, length, length] boolean: query i sees keys i - window + 1 .. i (True = attend)."""
+    pos = torch.arange(length, device=device)
+    back = pos[:, None] - pos[None, :]
+    return ((back >= 0) & (back < window))[None, None]
+
+
+@contextmanager
+def clipped_attention(model: nn.Module, layer: int, mask: torch.Tensor) -> Iterator[None]:
+    """Run `model`'s attention in `layer` under `mask` instead of its causal mask (SDPA and eager honour it)."""
+
+    def use_mask(module, args, kwargs):
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    handle = model.model.layers[layer].self_attn.register_forward_pre_hook(use_mask, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _answer_scores(model: nn.Module, samples: list[RecallSample], batch: int, runtime: Runtime) -> tuple[float, float]:
+    """(mean log-probability of the answer, exact-match rate) over `samples`."""
+    logprobs, hits = [], []
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        lp, greedy, _ = answer_logprobs(model, torch.tensor([s.ids for s in chunk]), [s.answer_len for s in chunk],
+                                        runtime)
+        logprobs += lp
+        hits += greedy
+    return sum(logprobs) / len(logprobs), sum(hits) / len(hits)
+
+
+def score_reach(teacher: nn.Module, tokenizer, cfg: ScoreConfig, work_dir: Path, runtime: Runtime) -> Ranking:
+    """Clip each teacher attention layer in turn to a local window; importance = far-needle answer log-prob lost."""
+    implementation = getattr(teacher.config, "_attn_implementation", None) or "sdpa"
+    if implementation not in ("sdpa", "eager"):
+        raise UserError(f"the reach selector clips attention with a mask, which attn_implementation="
+                        f"{implementation!r} ignores; load the teacher with 'sdpa' or 'eager'")
+    context = prompt_length(teacher, cfg)
+    if 4 * cfg.reach_window > context:
+        raise UserError(f"score.reach_window={cfg.reach_window} must be at most a quarter of the passkey prompt "
+                        f"({context} tokens, score.retrieval_context or the teacher's context): a needle in the "
+                        f"farthest quarter must lie outside the window")
+    try:
+        samples = far_passkey_samples(tokenizer, context, cfg.recall_samples)
+    except UserError as err:
+        raise UserError(f"score.retrieval_context={cfg.retrieval_context}: {err}") from None
+    batch = max(1, cfg.eval_batch // 2)  # the masked attention holds [batch, heads, T, T] scores
+    base_logprob, base_exact = _answer_scores(teacher, samples, batch, runtime)
+    mask = local_window_mask(context, cfg.reach_window, runtime.device)
+
+    def clip(layer: int) -> dict:
+        with clipped_attention(teacher, layer, mask):
+            logprob, exact = _answer_scores(teacher, samples, batch, runtime)
+        return {"layer": layer, "logprob": logprob, "exact": exact}
+
+    layers = list(range(teacher.config.num_hidden_layers))
+    results = spread_layers(layers, Path(work_dir) / "reach", runtime, clip)
+    return ranking_from_scores(
+        "reach", {layer: base_logprob - r["logprob"] for layer, r in results.items()}, lower_is_more_important=False,
+        tiebreak={layer: base_exact - r["exact"] for layer, r in results.items()},
+        metric=f"far passkey answer log-prob lost, layer clipped to {cfg.reach_window} tokens (nats)",
+        details={"context": context, "window": cfg.reach_window, "samples": len(samples),
+                 "teacher_logprob": base_logprob, "teacher_exact": base_exact,
+                 "exact_clipped": {str(layer): r["exact"] for layer, r in results.items()}},
+    )
+
+
+def with_reach(base: Ranking, reach: Ranking, threshold: float) -> Ranking:
+    """`base`'s order with the layers whose reach score is at least `threshold` nats first (largest first)."""
+    if not base.order:
+        raise UserError(f"{base.selector}+reach: {base.selector} has no ranking to put the reach layers in front of")
+    kept = [layer for layer in reach.order if reach.scores[layer] >= threshold]
+    order = kept + [layer for layer in base.order if layer not in kept]
+    return Ranking(
+        f"{base.selector}+reach", base.num_layers, order, base.scores,
+        f"{base.metric}; first the layers losing >= {threshold:g} nats of far-needle recall when clipped",
+        base.lower_is_more_important, base.curves,
+        details={**base.details, "reach_threshold": threshold, "kept_for_reach": kept,
+                 "reach_scores": {str(layer): v for layer, v in reach.scores.items()}, "reach": reach.details},
     )

@@ -6,14 +6,17 @@
 #
 #   prep     carry [.whl, .device/smol.gguf.aa, .device/en-mix-train.jsonl.xz, .device/en-mix-validation.jsonl.xz]
 #            (RANKINGS=bench/results/quality_h100 reuses committed rankings instead of the score phase)
-#   align    carry [.whl, .device/smol.gguf.ab, .device/smol.gguf.ac]   joins the GGUF; Stage 1; kl-restore ranking
-#   score    carry [.whl]       GA-S2, GA-S1, ablation and retrieval-head rankings
+#   ab       carry [.device/smol.gguf.ab]   the GGUF's second piece (the tree, .whl and both later pieces exceed
+#            one call's 64 MiB since 2026-12-07)
+#   align    carry [.whl, .device/smol.gguf.ac]   joins the GGUF; Stage 1; kl-restore and reach rankings
+#   score    carry [.whl]       GA-S2, GA-S1, ablation, retrieval-head and reach rankings (align and score also
+#                               write ga-s2+reach from the GA-S2 and reach rankings: HYBRIDS="ga-s2+reach")
 #   distill  carry [.whl]       Stage 2 for each layer choice in $HYBRIDS (default: ga-s2 uniform); TAG names a variant
 #                               (e.g. TAG=4k EXTRA="--set stage2.train.seq_len=4096 ..." -> hybrid-ga-s2-k8-s0-4k)
 #   eval     carry [.whl]       hybrid eval: teacher + every finished hybrid; rankings and metrics to $OUT
 #                               (TASKS="heldout passkey cloze" with carry [.whl, .whl-eval] adds the lm-eval task
 #                               of bench/recall_cloze.py: names recalled from 250+ tokens back in real prose)
-#   teacher  carry [.whl, .device/smol.gguf.ab, .device/smol.gguf.ac]   joins the GGUF only (a session that
+#   teacher  carry [.whl, .device/smol.gguf.ac]   (after ab) joins the GGUF only (a session that
 #                               restores a hybrid instead of running Stage 1)
 #   keep / restore              a hybrid back to this machine and up again (below)
 #
@@ -42,6 +45,9 @@
 # brings back the far passkeys): HYBRIDS="ga-s2-l7=1,2,5,7,8,17,18,20 retrieval" TAG=4k-lr2 on the 4K settings.
 # Layer 7 for layer 5 (bench/results/quality_h100/swap_l7_for_l5/: swapped into the 65.5M hybrid on a CPU, no Stage 2
 # after it, passkey@2K 0.97 at KL 0.112): HYBRIDS="l7-for-l5=1,2,7,8,17,18,20,24" TAG=4k-lr2 trains those 8 from Stage 1.
+# GA-S2 with the reach layers in front (bench/results/quality_h100/reach/: the teacher's layers 18 and 7 lose the far
+# passkey when clipped to 256 tokens): `align` writes rank-reach and rank-ga-s2+reach (GA-S2 from RANKINGS=), then
+# HYBRIDS="ga-s2+reach" TAG=4k-lr2 on the 4K settings trains 1, 2, 5, 7, 8, 17, 18, 20 (if the 4K ranking agrees).
 # Long-range copies in every Stage-2 sequence (distill.data.CopySpans; TAG=4k-copy, `--set
 # stage2.copies.per_sequence=4` on the 4K settings): the KL then asks for text 1,024-4,000 tokens back.
 # Cosine instead of the constant Stage-2 LR (TAG=4k-cos, `--set stage2.train.schedule=cosine --set
@@ -53,17 +59,18 @@
 # again, four per call, before `distill` goes on with FROM=NAME (`hybrid distill --from`: the same layers, the
 # data order where it stopped):
 #   KEEP=hybrid-ga-s2-k8-s0-4k PART=0 bash scripts/gpu_quality_experiment.sh keep      carry [] (then PART=1, ...)
-#   prep; teacher (carry [.whl, .device/smol.gguf.ab, .device/smol.gguf.ac]: the GGUF joined, no Stage 1)
+#   prep; ab; teacher (the GGUF joined, no Stage 1)
 #   RESTORE=hybrid-ga-s2-k8-s0-4k bash scripts/gpu_quality_experiment.sh restore   carry [4 of .device/keep/*]
 #   FROM=hybrid-ga-s2-k8-s0-4k TAG=more EXTRA="... --set stage2.train.warmup_steps=20" ... distill
 # A 4K SmolLM2 hybrid in bf16 is ~20 pieces: 5 calls each way, against ~260 s for prep and align again.
 set -uo pipefail
-PHASE=${1:?phase: prep | align | teacher | score | distill | eval | keep | restore}
+PHASE=${1:?phase: prep | ab | align | teacher | score | distill | eval | keep | restore}
 X=${X:-/root/x}             # DEVICE=cpu X=/tmp/qx EXTRA="--set ..." rehearses the phases on a CPU at toy budgets
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-$X/out}
 PIECE=16000000              # bytes: files that come back from the device may not exceed 16 MiB each
 case $PHASE in
+  ab) mkdir -p "$X" && cp .device/smol.gguf.ab "$X/" && ls -la "$X"; exit $? ;;
   keep)  # KEEP=NAME PART=i: pieces 4i .. 4i+3 of $X/NAME (tar, split) to $OUT
     name=${KEEP:?KEEP=NAME of a directory under $X}; dir=$X/keep/$name
     if [[ ! -f $dir/$name.sha256 ]]; then
@@ -98,7 +105,7 @@ LIMIT=${LIMIT:-570}   # seconds this call may spend on training before it return
 DEADLINE=$(( $(date +%s) + LIMIT ))
 left() { echo $(( DEADLINE - $(date +%s) )); }
 
-DATA=$X/en-mix-train.jsonl.xz
+DATA=${DATA:-$X/en-mix-train.jsonl.xz}  # DATA=demo: the teacher-only selectors of `score` read no training text
 VALID=$X/en-mix-validation.jsonl.xz
 SETTINGS=(
   --set eval_tokens=65536
@@ -124,8 +131,17 @@ rank() {  # rank SELECTOR [hybrid score args]: skipped where a ranking is there 
   if [[ -f $X/rank-$sel/ranking.json ]]; then echo "ranking $sel: kept $X/rank-$sel/ranking.json"; return 0; fi
   hybrid score "$@" --selector "$sel" --k 8 --out "$X/rank-$sel"
 }
+with_reach() {  # with_reach BASE: rank-BASE+reach from two rankings this machine holds, nothing scored again
+  local base=$1
+  [[ -f $X/rank-$base/ranking.json && -f $X/rank-reach/ranking.json ]] || { echo "$base+reach: a ranking is missing"; return 0; }
+  mkdir -p "$X/rank-$base+reach"
+  python3 -c "import sys; from distill.selection import Ranking, with_reach as w
+r = w(Ranking.load(sys.argv[1]), Ranking.load(sys.argv[2]), float(sys.argv[3])); r.save(sys.argv[4])
+print(r.selector, 'order', r.order, 'top 8', r.choose(8))" "$X/rank-$base/ranking.json" "$X/rank-reach/ranking.json" \
+    "${REACH_THRESHOLD:-1.0}" "$X/rank-$base+reach/ranking.json"
+}
 join_teacher() {
-  cat "$X/smol.gguf.aa" .device/smol.gguf.ab .device/smol.gguf.ac > "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
+  cat "$X/smol.gguf.aa" $(ls .device/smol.gguf.ab 2>/dev/null || echo "$X/smol.gguf.ab") .device/smol.gguf.ac > "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
   sha256sum "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
 }
 k_of() { python3 -c "import sys; from distill.placement import k_from_ratio; print(k_from_ratio(float(sys.argv[1]), 30))" "$1"; }
@@ -149,12 +165,18 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla
     join_teacher
     hybrid align --out "$X/stage1"
     rank kl-restore --stage1 "$X/stage1"
+    rank reach  # the teacher alone: each layer's attention clipped to 256 tokens on far-needle passkey prompts
+    with_reach ga-s2
     ;;
   score)
     rank ga-s2 --stage1 "$X/stage1"
     rank ga-s1 --stage1 "$X/stage1"
     rank ablation
     rank retrieval
+    rank reach
+    with_reach ga-s2
+    for r in "$X"/rank-*/ranking.json; do n=${r%/ranking.json}; cp "$r" "$OUT/ranking-${n##*/rank-}.json"; done
+    cp "$X"/rank-reach/layer_scores.png "$OUT/ranking-reach.png" 2>/dev/null
     ;;
   distill)
     if [[ -n ${FROM:-} ]]; then  # a hybrid this machine holds (a distill here, or `restore`), trained further

@@ -239,3 +239,19 @@ def test_stage_subcommands_chain(env, tmp_path, monkeypatch, capsys):
     retrieval = json.loads((tmp_path / "retrieval" / "ranking.json").read_text())
     assert retrieval["selector"] == "retrieval" and sorted(retrieval["order"]) == list(range(len(config["layer_types"])))
     assert retrieval["details"]["context"] == 128 and retrieval["details"]["samples"] == 3
+    # so does reach; a window too long for the prompt names the setting
+    assert main(["score", *common, "--selector", "reach", "--set", "score.retrieval_context=128",
+                 "--set", "score.reach_window=64", "--out", str(tmp_path / "wide")]) == 2
+    assert "score.reach_window=64 must be at most a quarter of the passkey prompt (128 tokens" in capsys.readouterr().err
+    assert main(["score", *common, "--selector", "reach", "--set", "score.retrieval_context=128",
+                 "--set", "score.reach_window=16", "--set", "score.recall_samples=2", "--out", str(tmp_path / "reach")]) == 0
+    reach = json.loads((tmp_path / "reach" / "ranking.json").read_text())
+    assert reach["selector"] == "reach" and sorted(reach["order"]) == list(range(len(config["layer_types"])))
+    assert reach["details"]["window"] == 16 and reach["details"]["samples"] == 2
+    # a KL ranking with the reach layers in front; a threshold below every score keeps them all, in reach's order
+    assert main(["score", *common, *small, "--stage1", str(tmp_path / "s1"), "--selector", "kl-restore+reach",
+                 "--set", "score.retrieval_context=128", "--set", "score.reach_window=16", "--set", "score.recall_samples=2",
+                 "--set", "score.reach_threshold=-100", "--out", str(tmp_path / "both")]) == 0
+    both = json.loads((tmp_path / "both" / "ranking.json").read_text())
+    assert both["selector"] == "kl-restore+reach" and both["order"] == both["details"]["kept_for_reach"] == reach["order"]
+    assert main(["score", *common, "--selector", "ga-s2+reach", "--out", str(tmp_path / "y")]) == 2  # needs --stage1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from contextlib import ExitStack
 from dataclasses import replace
 
 import pytest
 import torch
 
 from distill.data import DataSpec, prepare_data
+from distill.errors import UserError
 from distill.distributed import Runtime
 from distill.evaluate import EvalSet, heldout_kl
 from distill.model.config import LINEAR_ATTENTION
@@ -22,12 +24,16 @@ from distill.selection import (
     recall_accuracy,
     recall_task,
     recall_vocabulary,
+    clipped_attention,
+    local_window_mask,
     score_ablation,
+    score_reach,
     score_retrieval,
     score_ga_s1,
     score_ga_s2,
     score_kl_restore,
     uniform_ranking,
+    with_reach,
 )
 from distill.stages import Stage2Config, run_stage1
 from distill.train import TrainConfig
@@ -199,3 +205,68 @@ def test_retrieval_ranks_layers_by_their_strongest_heads_needle_mass(setup):
     assert not any(m._forward_pre_hooks for m in teacher.modules())  # the hooks are gone
     longer = score_retrieval(teacher, tok, replace(cfg, recall_samples=1, retrieval_context=4096), CPU)
     assert longer.details["context"] == teacher.config.max_position_embeddings  # no prompt beyond the teacher's context
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_clipped_attention_sees_only_the_window(family):
+    teacher, _ = make_teacher(family, num_layers=2, hidden=32, heads=4, kv_heads=2, seed=5)
+    T, window = 48, 8
+    ids = torch.randint(0, teacher.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    far = T - 2 * window  # two clipped layers reach 2 x (window - 1) tokens back
+    far_changed = ids.clone()
+    far_changed[0, :far] = torch.randint(0, teacher.config.vocab_size, (far,), generator=torch.Generator().manual_seed(1))
+
+    def last_logits(x, layers):
+        with torch.no_grad(), ExitStack() as stack:
+            for layer in layers:
+                stack.enter_context(clipped_attention(teacher, layer, local_window_mask(T, window, torch.device("cpu"))))
+            return teacher(input_ids=x).logits[0, -1].double()
+
+    # every layer clipped: the last position cannot see the far tokens
+    torch.testing.assert_close(last_logits(far_changed, [0, 1]), last_logits(ids, [0, 1]), rtol=0, atol=1e-5)
+    assert (last_logits(far_changed, []) - last_logits(ids, [])).abs().max() > 1e-2
+    # one layer clipped: the other still reaches back
+    assert (last_logits(far_changed, [0]) - last_logits(ids, [0])).abs().max() > 1e-2
+    # a window as long as the prompt is the causal mask
+    with torch.no_grad(), clipped_attention(teacher, 1, local_window_mask(T, T, torch.device("cpu"))):
+        full = teacher(input_ids=ids).logits.double()
+    with torch.no_grad():
+        torch.testing.assert_close(full, teacher(input_ids=ids).logits.double(), rtol=0, atol=1e-5)
+    assert not any(m._forward_pre_hooks for m in teacher.modules())
+
+
+def test_reach_ranks_layers_by_the_far_needle_logprob_their_clipping_loses(setup, tmp_path):
+    teacher, tok, _, _ = setup
+    before = copy.deepcopy(teacher.state_dict())
+    cfg = replace(score_cfg(), recall_samples=4, retrieval_context=96, reach_window=16)
+    ranking = score_reach(teacher, tok, cfg, tmp_path / "a", CPU)
+    assert sorted(ranking.order) == [0, 1, 2, 3] and not ranking.lower_is_more_important
+    assert [ranking.scores[i] for i in ranking.order] == sorted(ranking.scores.values(), reverse=True)
+    assert any(abs(v) > 1e-4 for v in ranking.scores.values())  # clipping a layer changes the answer's log-prob
+    details = ranking.details
+    assert details["context"] == 96 and details["window"] == 16 and details["samples"] == 4
+    assert len(list((tmp_path / "a" / "reach").glob("layer_*.json"))) == 4  # one result per layer: resumable
+    assert score_reach(teacher, tok, cfg, tmp_path / "b", CPU).scores == ranking.scores  # prompts from a seed
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert not any(m._forward_pre_hooks for m in teacher.modules())
+    with pytest.raises(UserError, match="score.reach_window=32 must be at most a quarter of the passkey prompt"):
+        score_reach(teacher, tok, replace(cfg, reach_window=32, retrieval_context=96), tmp_path / "c", CPU)
+    implementation = teacher.config._attn_implementation
+    teacher.config._attn_implementation = "flash_attention_2"  # an implementation that ignores masks
+    try:
+        with pytest.raises(UserError, match="attn_implementation='flash_attention_2' ignores"):
+            score_reach(teacher, tok, cfg, tmp_path / "d", CPU)
+    finally:
+        teacher.config._attn_implementation = implementation
+
+
+def test_with_reach_puts_the_layers_far_recall_needs_first():
+    kl = ranking_from_scores("ga-s2", {0: 0.50, 1: 0.51, 2: 0.60, 3: 0.55, 4: 0.70}, True, "held-out KL")
+    reach = ranking_from_scores("reach", {0: 0.1, 1: 0.0, 2: 1.6, 3: 0.3, 4: 10.8}, False, "nats lost")
+    both = with_reach(kl, reach, threshold=1.0)
+    assert both.selector == "ga-s2+reach" and both.order == [4, 2, 0, 1, 3]
+    assert both.choose(3) == [0, 2, 4] and kl.choose(3) == [0, 1, 3]
+    assert both.details["kept_for_reach"] == [4, 2] and both.scores == kl.scores
+    assert with_reach(kl, reach, threshold=100.0).order == kl.order  # nothing far-reaching: the KL ranking as it was
+    with pytest.raises(UserError, match="uniform has no ranking"):
+        with_reach(uniform_ranking(5), reach, 1.0)
