@@ -153,7 +153,8 @@ class ScoreConfig:
     recall_pairs: int = 16  # ablation: key/value pairs per prompt
     retrieval_context: int = 4096  # retrieval and reach: tokens per passkey prompt (at most the teacher's context)
     reach_window: int = 256  # reach: the clipped layer sees this many tokens back (at most a quarter of the prompt)
-    reach_threshold: float = 1.0  # A+reach: layers whose reach score is at least this (nats) go first
+    reach_threshold: float = 0.75  # A+reach: layers whose reach score is at least this (nats) go first (the
+    # value keeps SmolLM2's layers 18 and 7, and only those, at 1K and 2K: bench/results/quality_h100/reach/)
 
 
 def _to_host(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -138,7 +138,7 @@ with_reach() {  # with_reach BASE: rank-BASE+reach from two rankings this machin
   python3 -c "import sys; from distill.selection import Ranking, with_reach as w
 r = w(Ranking.load(sys.argv[1]), Ranking.load(sys.argv[2]), float(sys.argv[3])); r.save(sys.argv[4])
 print(r.selector, 'order', r.order, 'top 8', r.choose(8))" "$X/rank-$base/ranking.json" "$X/rank-reach/ranking.json" \
-    "${REACH_THRESHOLD:-1.0}" "$X/rank-$base+reach/ranking.json"
+    "${REACH_THRESHOLD:-0.75}" "$X/rank-$base+reach/ranking.json"
 }
 join_teacher() {
   cat "$X/smol.gguf.aa" $(ls .device/smol.gguf.ab 2>/dev/null || echo "$X/smol.gguf.ab") .device/smol.gguf.ac > "$X/cache/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"
