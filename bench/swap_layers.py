@@ -12,8 +12,9 @@ cosine LR, resumable from DIR.work after a kill.
 
 The question it answers (issue 15): does an 8-softmax-layer hybrid with a better layer choice keep what the
 9-layer one recalls? `bench/results/quality_h100/plus_layer7/` gave the 65.5M GA-S2 hybrid layer 7 back. This
-takes a layer away again on a CPU, where Stage 2 cannot run. Writes a hybrid checkpoint to DIR for
-`hybrid eval`, and DIR/swap_layers.json with the alignment losses (held-out, before and after) and the command.
+takes a layer away again with alignment only, cheap enough for a CPU where a Stage 2 run is out of reach. Writes
+a hybrid checkpoint to DIR for `hybrid eval`, and DIR/swap_layers.json with the alignment losses (held-out,
+before and after) and the command.
 """
 
 from __future__ import annotations

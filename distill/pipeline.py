@@ -46,6 +46,7 @@ from distill.placement import k_from_ratio
 from distill.presets import Preset, get_preset
 from distill.report import ReportInputs, plot_curves, plot_scores, write_report
 from distill.selection import (
+    DEFAULT_SELECTOR,
     RANKING_FILE,
     SELECTORS,
     Ranking,
@@ -403,7 +404,7 @@ class ConvertRequest:
     data: tuple[str, ...] = ("demo",)
     ratio: float | None = None
     k: int | None = None
-    selector: str = "ga-s2"
+    selector: str = DEFAULT_SELECTOR
     preset: str = "demo"
     overrides: tuple[str, ...] = ()
     seed: int = 0

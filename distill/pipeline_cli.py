@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from distill.errors import UserError
+from distill.selection import DEFAULT_SELECTOR
 
 PRESET_HELP = "budget preset: demo (2 CPU cores, minutes), small (one GPU), paper (the reference budgets)"
 
@@ -48,11 +49,11 @@ def register(subparsers) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--ratio", type=float, help="fraction of layers kept softmax (K = round-half-up(ratio x L))")
     which.add_argument("--k", type=int, help="number of layers kept softmax")
-    p.add_argument("--selector", default="ga-s2",
-                   help="ga-s2 (KL-guided, default) | kl-restore (GA-S2 with no training, cheap) | ga-s1 | ablation | "
-                        "retrieval (the teacher's retrieval heads, no training) | reach (the layers whose long-range "
-                        "attention far-needle recall needs, no training) | uniform | ga-s2+reach, kl-restore+reach "
-                        "(the reach layers first, then the KL ranking)")
+    p.add_argument("--selector", default=DEFAULT_SELECTOR,
+                   help="ga-s2+reach (the default: the layers whose long-range attention far-needle recall needs "
+                        "first, then the KL-guided GA-S2 ranking) | ga-s2 (KL-guided only) | kl-restore (GA-S2 with "
+                        "no training, cheap) | kl-restore+reach | ga-s1 | ablation | retrieval (the teacher's "
+                        "retrieval heads, no training) | reach (alone, no training) | uniform")
     p.add_argument("--out", required=True, type=Path, help="output directory: HF checkpoint + report.md")
     p.set_defaults(func=run_convert)
 
@@ -68,9 +69,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("score", help="rank layers for softmax attention (GA-S2 and baselines)")
     _common(p)
     p.add_argument("--stage1", type=Path, help="output of `hybrid align` (needed by ga-s2, kl-restore and ga-s1)")
-    p.add_argument("--selector", default="ga-s2",
-                   help="ga-s2 | kl-restore | ga-s1 | ablation | retrieval | reach | uniform | ga-s2+reach | "
-                        "kl-restore+reach")
+    p.add_argument("--selector", default=DEFAULT_SELECTOR,
+                   help="ga-s2+reach (default) | ga-s2 | kl-restore | kl-restore+reach | ga-s1 | ablation | retrieval | "
+                        "reach | uniform (see `hybrid convert --help`)")
     p.add_argument("--k", type=int, help="highlight the top K in the plot")
     p.add_argument("--out", required=True, type=Path, help="directory for ranking.json and plots")
     p.set_defaults(func=run_score)

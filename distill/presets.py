@@ -49,10 +49,12 @@ def _demo() -> Preset:
         eval_tokens=2 * seq,
         eval_batch=2,
         stage1=TrainConfig(steps=8, seq_len=seq, batch=2, micro_batch=2, lr=5e-3, schedule="cosine", save_every=4),
-        score=ScoreConfig(  # 30 candidates: one step of 128 tokens each, scored on 256 held-out tokens
+        # 30 candidates: one step of 128 tokens each, scored on 256 held-out tokens; reach: 8 prompts x 31
+        # teacher forwards of 256 tokens (~0.6 s each on 2 cores)
+        score=ScoreConfig(
             candidate=Stage2Config(TrainConfig(steps=1, seq_len=seq // 2, batch=1, micro_batch=1, lr=1e-4,
                                                schedule="constant")),
-            eval_batch=2, eval_blocks=2, recall_samples=16, recall_pairs=12, retrieval_context=256, reach_window=32,
+            eval_batch=2, eval_blocks=2, recall_samples=8, recall_pairs=12, retrieval_context=256, reach_window=32,
         ),
         stage2=Stage2Config(TrainConfig(steps=6, seq_len=seq, batch=2, micro_batch=2, lr=1e-4, schedule="constant", save_every=3)),
         stage3=TrainConfig(steps=0, seq_len=seq, batch=2, micro_batch=2, lr=1e-5, schedule="constant", save_every=6),

@@ -21,8 +21,8 @@ Selectors (`hybrid score --selector ...`):
               needs to see far back. No training, L teacher forwards per prompt.
     uniform   no ranking: K evenly spaced layers.
 
-    A+reach   (ga-s2+reach, kl-restore+reach) A's order with the layers whose `reach` score is at least
-              `score.reach_threshold` nats put first: softmax goes first to the layers far recall cannot do
+    A+reach   (ga-s2+reach, the default; kl-restore+reach) A's order with the layers whose `reach` score is
+              at least `score.reach_threshold` nats put first: softmax goes first to the layers far recall cannot do
               without, then by A. KL over ordinary text hardly sees such a layer (SmolLM2's layer 7: GA-S2
               26th of 30, yet the one GDN layer that loses the far passkey).
 
@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from distill.atomic_io import write_json_atomic
 from distill.data import BlockOrder, PackedData, batch_for_step
@@ -64,6 +65,9 @@ from distill.stages import Stage2Config, heldout_alignment, run_stage2
 
 SELECTORS = ("ga-s2", "kl-restore", "ga-s1", "ablation", "retrieval", "reach", "uniform", "ga-s2+reach",
              "kl-restore+reach")
+# GA-S2 alone keeps SmolLM2's generic-text KL lowest but not its far recall; with the reach layers in front, a
+# hybrid trained from Stage 1 finds passkey@4K 0.88 against 0.53 (bench/results/quality_h100/ga_s2_reach/).
+DEFAULT_SELECTOR = "ga-s2+reach"
 NEEDS_STAGE1 = ("ga-s2", "kl-restore", "ga-s1")  # selectors that score the all-linear Stage-1 model
 TEACHER_ONLY = ("ablation", "retrieval", "reach", "uniform")  # selectors that read no training text
 RANKING_FILE = "ranking.json"
@@ -127,16 +131,20 @@ def uniform_ranking(num_layers: int) -> Ranking:
 # ---------------------------------------------------------------------------------------------
 
 
-def spread_layers(layers: list[int], out_dir: Path, runtime: Runtime, work: Callable[[int], dict]) -> dict[int, dict]:
-    """Run work(layer) for the layers of this process (round-robin) that have no result file yet."""
+def spread_layers(layers: list[int], out_dir: Path, runtime: Runtime, work: Callable[[int], dict],
+                  desc: str | None = None) -> dict[int, dict]:
+    """Run work(layer) for the layers of this process (round-robin) that have no result file yet; with `desc`,
+    behind a progress bar of them."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for layer in layers[runtime.rank :: runtime.world]:
-        path = out_dir / f"layer_{layer:03d}.json"
-        if path.is_file():
-            continue
-        write_json_atomic(path, work(layer), indent=None)
+
+    def path(layer: int) -> Path:
+        return out_dir / f"layer_{layer:03d}.json"
+
+    todo = [layer for layer in layers[runtime.rank :: runtime.world] if not path(layer).is_file()]
+    for layer in tqdm(todo, desc=desc, unit="layer", disable=desc is None):
+        write_json_atomic(path(layer), work(layer), indent=None)
     runtime.barrier()
-    return {layer: json.loads((out_dir / f"layer_{layer:03d}.json").read_text()) for layer in layers}
+    return {layer: json.loads(path(layer).read_text()) for layer in layers}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +312,7 @@ def score_kl_restore(teacher: nn.Module, stage1: HybridForCausalLM, data: Packed
         del candidate
         return {"layer": layer, "score": kl, "seconds": time.perf_counter() - start}
 
-    results = spread_layers(layers, Path(work_dir) / "candidates", runtime, run_candidate)
+    results = spread_layers(layers, Path(work_dir) / "candidates", runtime, run_candidate, desc="kl-restore selector")
     return ranking_from_scores(
         "kl-restore", {layer: r["score"] for layer, r in results.items()}, lower_is_more_important=True,
         metric="held-out KL(teacher || hybrid) with only that layer restored to softmax, no training",
@@ -417,7 +425,7 @@ def score_ablation(teacher: nn.Module, tokenizer, cfg: ScoreConfig, work_dir: Pa
             handle.remove()
         return {"layer": layer, "accuracy": acc, "logprob": lp}
 
-    results = spread_layers(layers, Path(work_dir) / "ablation", runtime, ablate)
+    results = spread_layers(layers, Path(work_dir) / "ablation", runtime, ablate, desc="ablation selector")
     drop = {layer: base_acc - r["accuracy"] for layer, r in results.items()}
     lp_drop = {layer: base_lp - r["logprob"] for layer, r in results.items()}
     return ranking_from_scores(
@@ -533,7 +541,7 @@ def score_reach(teacher: nn.Module, tokenizer, cfg: ScoreConfig, work_dir: Path,
         return {"layer": layer, "logprob": logprob, "exact": exact}
 
     layers = list(range(teacher.config.num_hidden_layers))
-    results = spread_layers(layers, Path(work_dir) / "reach", runtime, clip)
+    results = spread_layers(layers, Path(work_dir) / "reach", runtime, clip, desc="reach selector")
     return ranking_from_scores(
         "reach", {layer: base_logprob - r["logprob"] for layer, r in results.items()}, lower_is_more_important=False,
         tiebreak={layer: base_exact - r["exact"] for layer, r in results.items()},

@@ -35,7 +35,10 @@ from distill.model.teacher import load_teacher
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 client = OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="none")
 reply = client.chat.completions.create(model="smollm2-hybrid", messages=messages, max_tokens=48, temperature=0)
-print("hybrid  (vLLM):        ", reply.choices[0].message.content)
+text = reply.choices[0].message.content or ""
+print("hybrid  (vLLM):        ", text if text.strip() else
+      f"{text!r} ({reply.usage.completion_tokens} tokens, finish_reason {reply.choices[0].finish_reason}: the demo "
+      "budget leaves the hybrid far from its teacher)")
 
 teacher, tokenizer = load_teacher("smollm2-135m")
 prompt = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),

@@ -45,9 +45,11 @@
 # brings back the far passkeys): HYBRIDS="ga-s2-l7=1,2,5,7,8,17,18,20 retrieval" TAG=4k-lr2 on the 4K settings.
 # Layer 7 for layer 5 (bench/results/quality_h100/swap_l7_for_l5/: swapped into the 65.5M hybrid on a CPU, no Stage 2
 # after it, passkey@2K 0.97 at KL 0.112): HYBRIDS="l7-for-l5=1,2,7,8,17,18,20,24" TAG=4k-lr2 trains those 8 from Stage 1.
-# GA-S2 with the reach layers in front (bench/results/quality_h100/reach/: the teacher's layers 18 and 7 lose the far
-# passkey when clipped to 256 tokens): `align` writes rank-reach and rank-ga-s2+reach (GA-S2 from RANKINGS=), then
-# HYBRIDS="ga-s2+reach" TAG=4k-lr2 on the 4K settings trains 1, 2, 5, 7, 8, 17, 18, 20 (if the 4K ranking agrees).
+# GA-S2 with the reach layers in front, the default selector (bench/results/quality_h100/reach/: the teacher's layers
+# 18 and 7 lose the far passkey when clipped to 256 tokens; ga_s2_reach/: trained from Stage 1, passkey@4K 0.88
+# against GA-S2's 0.53): RANKINGS= brings the CPU's 2K reach ranking (ranking-reach.json; the 4K one did not fit in
+# align's LIMIT=330 on 2026-12-07), `align` writes rank-ga-s2+reach from it and GA-S2's, then HYBRIDS="ga-s2+reach"
+# TAG=4k-lr2 on the 4K settings trains 1, 2, 5, 7, 8, 17, 18, 20. Still to run: SEED=1 (and 2) of it and of ga-s2.
 # Long-range copies in every Stage-2 sequence (distill.data.CopySpans; TAG=4k-copy, `--set
 # stage2.copies.per_sequence=4` on the 4K settings): the KL then asks for text 1,024-4,000 tokens back.
 # Cosine instead of the constant Stage-2 LR (TAG=4k-cos, `--set stage2.train.schedule=cosine --set

@@ -85,6 +85,11 @@ def test_output_loads_and_report_lists_every_layer(uninterrupted):
     assert result.stdout.startswith("HybridForCausalLM") and result.stdout.strip().endswith("True")
 
     ranking = json.loads((out / "ranking.json").read_text())
+    # the default selector: the reach layers (the teacher's far-needle recall, clipped one layer at a time) first
+    assert ranking["selector"] == "ga-s2+reach"
+    assert ranking["order"][:len(ranking["details"]["kept_for_reach"])] == ranking["details"]["kept_for_reach"]
+    assert sorted(p.name for p in (out.parent / "straight.work" / "score" / "reach").iterdir()) == [
+        f"layer_{layer:03d}.json" for layer in range(LAYERS)]
     chosen = sorted(ranking["order"][:2])
     config = json.loads((out / "config.json").read_text())
     assert [i for i, t in enumerate(config["layer_types"]) if t == "full_attention"] == chosen
