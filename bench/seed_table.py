@@ -4,7 +4,8 @@
         --out bench/results/quality_h100/seeds.md
 
 Reads `hybrid eval` results (results.json, any number of runs) and groups their models by name without the seed
-suffix (`ga-s2-k8-s0`, `ga-s2-k8-s1` -> `ga-s2-k8`; the teacher is one group). Each row gives, over the seeds
+part, the `-sN` after the layer count (`ga-s2-k8-s0`, `ga-s2-k8-s1` -> `ga-s2-k8`; `ga-s2+reach-k8-s1-4k-lr2` ->
+`ga-s2+reach-k8-4k-lr2`, as scripts/gpu_quality_experiment.sh names a tagged run; the teacher is one group). Each row gives, over the seeds
 seen, the mean and the range (min-max) of held-out KL and perplexity and of every recall cell (greedy exact
 match, and the continuous score: the needle's log-probability gain). A group whose members keep different
 softmax layers is refused: a seed must change the training, not the layer choice.
@@ -23,7 +24,7 @@ from statistics import mean
 
 from distill.eval_results import EvalReport, ModelReport
 
-SEED_SUFFIX = re.compile(r"-s(\d+)$")
+SEED_PART = re.compile(r"(?<=\d)-s(\d+)(?=-|$)")  # after k8, not the -s2 of "ga-s2"
 
 
 @dataclass
@@ -51,8 +52,8 @@ def group_models(reports: Sequence[tuple[Path, EvalReport]]) -> list[Group]:
     groups: dict[str, Group] = {}
     for path, report in reports:
         for model in report.models:
-            match = SEED_SUFFIX.search(model.name)
-            name = model.name[: match.start()] if match else model.name
+            match = SEED_PART.search(model.name)
+            name = model.name[: match.start()] + model.name[match.end():] if match else model.name
             seed = match.group(1) if match else "-"
             group = groups.setdefault(name, Group(name, model.softmax_layers))
             if model.softmax_layers != group.softmax_layers:

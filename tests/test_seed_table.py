@@ -10,14 +10,14 @@ from bench.seed_table import main
 from distill.eval_results import EvalReport, HeldoutScore, ModelReport, RecallScore
 
 
-def run_results(path, seed: int, kl: float, exact: float, layers=(1, 5)) -> None:
+def run_results(path, seed: int, kl: float, exact: float, layers=(1, 5), tag: str = "") -> None:
     def model(name, kl_value, exact_value, softmax):
         return ModelReport(name=name, path=f"/runs/{name}", role="model" if softmax else "teacher",
                            softmax_layers=softmax, heldout=HeldoutScore(kl_value, 20.0 + kl_value, 4096, 1024),
                            recall=[RecallScore("passkey", 512, 100, exact_value, -1.0, -1.0 - 10 * exact_value)])
 
     report = EvalReport(date="2026-12-05", device="cpu", command="hybrid eval", settings={}, models=[
-        model("teacher", 0.0, 1.0, None), model(f"ga-s2-k2-s{seed}", kl, exact, list(layers))])
+        model("teacher", 0.0, 1.0, None), model(f"ga-s2-k2-s{seed}{tag}", kl, exact, list(layers))])
     report.save(path)
 
 
@@ -43,3 +43,13 @@ def test_a_seed_that_kept_other_layers_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert "ga-s2-k2-s1 keeps softmax layers [2, 5]" in capsys.readouterr().err
+
+
+def test_the_seed_of_a_tagged_run_is_found_before_its_tag(tmp_path):
+    run_results(tmp_path / "a.json", 0, kl=0.10, exact=0.70, tag="-4k-lr2")
+    run_results(tmp_path / "b.json", 1, kl=0.14, exact=0.90, tag="-4k-lr2")
+    out = tmp_path / "seeds.md"
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)]) == 0
+    numbers = json.loads(out.with_suffix(".json").read_text())
+    assert set(numbers) == {"teacher", "ga-s2-k2-4k-lr2"}  # the -s2 of the selector's name is not a seed
+    assert numbers["ga-s2-k2-4k-lr2"]["seeds"] == ["0", "1"]
