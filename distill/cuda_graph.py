@@ -46,19 +46,31 @@ def _copy_into(static, batch) -> None:
         static.copy_(batch, non_blocking=True)
 
 
-def _abandon_capture(pool: tuple, stream: torch.cuda.Stream) -> None:
+def _abandon_capture(graph: torch.cuda.CUDAGraph, pool: tuple, stream: torch.cuda.Stream) -> None:
     """Undo what a capture that never ended leaves behind. torch cleans up in `capture_end` only when the capture
     ends well (`torch.cuda.graph.__exit__`); otherwise the process keeps running on the capture's stream, the
     capture's memory pool (a step's activations' worth) is never released, and the device's random-number
     generator stays in the capture, so every later random op fails: "Offset increment outside graph capture
     encountered unexpectedly" (H100, torch 2.11, 2026-12-06). Each repair is best effort: a torch that cleaned up
-    already refuses it."""
+    already refuses it.
+
+    The pool is released once, by whoever owns it then. A capture that failed while instantiating its graph (out
+    of memory, a large model's step) has already marked itself ended, and the graph's destructor releases the pool
+    again: released here as well, that second release throws inside a C++ destructor and aborts the process (the
+    likely end of the Qwen2.5-1.5B-shape Stage 1 at 32 x 512 on an H100, 2026-12-07: an abort in `~CUDAGraph` ->
+    `reset`). `graph.pool()` answers only for such an ended capture; then `graph.reset()` releases the pool, once,
+    and the destructor finds nothing left."""
     device = torch.cuda.current_device()
     torch.cuda.set_stream(stream)
     generator = torch.cuda.default_generators[device]
+    try:
+        graph.pool()
+        ended = True
+    except RuntimeError:  # "without a preceding successful capture": the pool is ours to release
+        ended = False
     repairs = {
         "stop allocating into the capture's pool": lambda: torch._C._cuda_endAllocateToPool(device, pool),
-        "release the capture's pool": lambda: torch._C._cuda_releasePool(device, pool),
+        "release the capture's pool": graph.reset if ended else lambda: torch._C._cuda_releasePool(device, pool),
         # a clone of the generator's state (same seed and offset) belongs to no capture
         "take the generator out of the capture": lambda: generator.graphsafe_set_state(generator.clone_state()),
     }
@@ -139,7 +151,7 @@ class GraphedStep:
         # whose traceback would keep the captured step's tensors alive
         self.failed, self.static_batches, self.outputs = True, None, None
         if not ended:
-            _abandon_capture(pool, stream)
+            _abandon_capture(graph, pool, stream)
         del graph
         self.optimizer.zero_grad(set_to_none=True)
         gc.collect()

@@ -14,6 +14,9 @@
 #      fallback then failed too, the failed capture's pool still held; Stage 2's eager step did not fit. Since
 #      then the fallback releases the pool (torch never does after a failed capture) and the loop reruns a step
 #      that runs out of memory in smaller forwards (the rows' `pieces` and `peak_mem_timed_gib` say how it ran);
+#      on 2026-12-07 (eighteenth session) Stage 1 aborted in `~CUDAGraph` instead, most likely a pool released twice
+#      after a capture that failed while instantiating; `_abandon_capture` now lets the graph release it (GPU test
+#      in step 0; bench/results/train_throughput.md);
 #   2. which tensors the cast kernels of SmolLM2's step copy (the 2026-12-06 steady profile,
 #      bench/results/train_throughput_profile_steady_h100.md, names dtype casts among the last 5 %): one step
 #      compiled but not replayed, so its aten ops show, with the copies grouped by input shape;

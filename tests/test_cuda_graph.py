@@ -5,6 +5,8 @@ as the launched step does. The replay itself needs a GPU (run this file on the G
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +131,27 @@ def test_a_failed_capture_continues_eagerly_and_leaves_random_numbers_working(tm
     torch.testing.assert_close(weights[True], weights[False], rtol=1e-4, atol=1e-5)
     assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not the failed capture's stream
     assert torch.isfinite(torch.randn(1000, device=cuda)).all()
+
+
+ENDED_THEN_ABANDONED = """
+import gc, torch
+from distill.cuda_graph import _abandon_capture
+x = torch.ones(1024, device="cuda")
+graph, pool, stream = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle(), torch.cuda.current_stream()
+with torch.cuda.graph(graph, pool=pool):
+    y = x * 2
+_abandon_capture(graph, pool, stream)  # as after a capture that failed only while instantiating
+del graph, y
+gc.collect()
+torch.cuda.synchronize()
+print("alive", float((x * 3).sum()), float(torch.rand(4, device="cuda").sum() >= 0))
+"""
+
+
+@needs_cuda
+def test_a_capture_that_ended_before_failing_is_released_once_and_the_process_lives():
+    """A capture that ends and then fails (out of memory while instantiating) owns its pool: abandoning it must not
+    release the pool a second time, which the graph's destructor would turn into an abort."""
+    run = subprocess.run([sys.executable, "-c", ENDED_THEN_ABANDONED], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0 and "alive 3072.0 1.0" in run.stdout, run.stderr[-3000:]
