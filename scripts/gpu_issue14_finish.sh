@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14's open GPU measurements in one device call (carry [".whl"]), most important first, so a call cut off at
 # its limit still returns the front of the list under $OUT:
-#   0. tests/test_cuda_graph.py on the GPU (~20 s): replayed steps train as launched ones, a step that runs out
+#   0. tests/test_cuda_graph.py on the GPU (~95 s with its compiles; 5 passed on 2026-12-07): replayed steps train as launched ones, a step that runs out
 #      of memory is captured again in smaller forwards, and a capture that fails leaves the stream, the memory
 #      pool and the random-number generator usable (distill/cuda_graph.py's `_abandon_capture`, eleventh
 #      session); then (SMOL_TABLE=1, the default) the SmolLM2 plain-vs-switches table against the targets. On
@@ -14,13 +14,17 @@
 #      fallback then failed too, the failed capture's pool still held; Stage 2's eager step did not fit. Since
 #      then the fallback releases the pool (torch never does after a failed capture) and the loop reruns a step
 #      that runs out of memory in smaller forwards (the rows' `pieces` and `peak_mem_timed_gib` say how it ran);
-#      on 2026-12-07 (eighteenth session) Stage 1 aborted in `~CUDAGraph` instead, most likely a pool released twice
-#      after a capture that failed while instantiating; `_abandon_capture` now lets the graph release it (GPU test
-#      in step 0; bench/results/train_throughput.md);
+#      on 2026-12-07 (eighteenth session) Stage 1 aborted in `~CUDAGraph` instead, a pool released twice after a
+#      capture that failed while instantiating; `_abandon_capture` now lets the graph release it, and in the
+#      nineteenth session both rows ran (Stage 1 eagerly after a failed capture, Stage 2 in 2 forwards;
+#      bench/results/train_throughput.md);
 #   2. which tensors the cast kernels of SmolLM2's step copy (the 2026-12-06 steady profile,
 #      bench/results/train_throughput_profile_steady_h100.md, names dtype casts among the last 5 %): one step
 #      compiled but not replayed, so its aten ops show, with the copies grouped by input shape;
 #   3. STEADY=1: the replayed step under the profiler again (every switch on), e.g. after a change to the step.
+#   PRESET_MEMORY=1 (after 1): peak memory at the `small` and `paper` presets' micro-batches still unmeasured:
+#      SmolLM2 Stage 1 16 x 512 and 32 x 512, Stage 2 8 x 2048 and 4 x 4096; the 1.5B shape's `small` cells
+#      (Stage 1 16 x 512, Stage 2 8 x 2048). Six processes, ~1 min each with their compiles.
 # SMOL_TABLE=0 skips that table (scripts/gpu_train_throughput.sh, ~220 s, the CUDA-graph tests included). Done and recorded in bench/results/train_throughput.md: the steady profile, the Qwen shape's
 # Stage 2 with the switches; the correctness cases (scripts/gpu_gdn_rest.sh): bench/results/gdn_correctness.md.
 set -uo pipefail
@@ -30,12 +34,20 @@ quiet() { grep -v "it/s\|s/it\|step/s\|s/step"; }
 if [ "${SMOL_TABLE:-1}" = 1 ]; then
   MODES="plain stack+compile+graph" QWEN=0 SMOL_LIMIT=${SMOL_LIMIT:-220} bash scripts/gpu_train_throughput.sh
 else
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -3 | tee "$OUT/cuda_graph_tests.log"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -3 | tee "$OUT/cuda_graph_tests.log"
 fi
 QWEN="python3 bench/train_throughput.py --shape qwen2.5-1.5b --out $OUT/train_throughput_memory.jsonl --steps 1
   --warmup 1 --label paper-preset-micro-batch"
 timeout "${MEMORY_LIMIT:-200}" $QWEN --stages 1 --seq 512 --micro-batch 32 2>&1 | quiet | tee "$OUT/memory.log"
 timeout "${MEMORY_LIMIT:-200}" $QWEN --stages 2 --seq 4096 --micro-batch 4 2>&1 | quiet | tee -a "$OUT/memory.log"
+if [ "${PRESET_MEMORY:-0}" = 1 ]; then  # the presets' micro-batches not measured yet (train_throughput.md, "Peak GPU memory")
+  ROW="python3 bench/train_throughput.py --out $OUT/train_throughput_memory.jsonl --steps 2 --warmup 1 --label preset-micro-batch"
+  for cell in "smollm2-135m 1 512 16" "smollm2-135m 1 512 32" "smollm2-135m 2 2048 8" "smollm2-135m 2 4096 4" \
+              "qwen2.5-1.5b 1 512 16" "qwen2.5-1.5b 2 2048 8"; do
+    set -- $cell
+    timeout "${MEMORY_LIMIT:-200}" $ROW --shape "$1" --stages "$2" --seq "$3" --micro-batch "$4" 2>&1 | quiet | tee -a "$OUT/memory.log"
+  done
+fi
 SMOL="python3 bench/train_throughput.py --shape smollm2-135m --seq 2048 --micro-batch 8 --steps 3 --warmup 3
   --out $OUT/train_throughput_profiled.jsonl"
 timeout "${PROFILE_LIMIT:-150}" $SMOL --modes stack+compile --profile-dir "$OUT/compiled_eager" \
