@@ -73,13 +73,15 @@ def _fla_backward_blocked() -> bool:
     return hopper and Version("3.4.0") <= triton_version < Version("3.7.1")
 
 
-GDN_BACKENDS = ("auto", "torch", "fla", "fla-torch-dqkwg", "fla-torch-dqkwg-wy")
+GDN_BACKENDS = ("auto", "torch", "fla", "fla-torch-dqkwg", "fla-torch-dqkwg-wy", "fla-triton-dqkwg")
 """Prefill/training paths of `chunk_gated_delta_rule`:
 - torch:              the pure-torch chunked form (CPU; float32 on CUDA; the slow reference path)
 - fla:                fla's chunk_gated_delta_rule, every kernel Triton
 - fla-torch-dqkwg:    fla's Triton kernels, with the backward kernel fla refuses on Hopper + Triton
                       < 3.7.1 (chunk_bwd_dqkwg) computed in torch (kernels/gdn_fla.py)
 - fla-torch-dqkwg-wy: the same, and prepare_wy_repr_bwd in torch as well
+- fla-triton-dqkwg:   fla's Triton kernels, with chunk_bwd_dqkwg by our Triton kernel that transposes no
+                      tile in registers (kernels/gdn_dqkwg.py); explicit only until proven on Hopper
 - auto:               see `resolve_gdn_backend`"""
 
 
@@ -122,8 +124,11 @@ def describe_gdn_backend(backend: str) -> str:
     versions = f"fla {_fla_version()}, Triton {triton.__version__}, {torch.cuda.get_device_name()}"
     if backend == "fla":
         return f"fla: flash-linear-attention Triton chunk kernels, forward + backward ({versions})"
-    torch_parts = "chunk_bwd_dqkwg" + (" and prepare_wy_repr_bwd" if backend.endswith("-wy") else "")
-    return (f"{backend}: flash-linear-attention Triton chunk kernels, with {torch_parts} in torch "
+    if backend == "fla-triton-dqkwg":
+        where = "chunk_bwd_dqkwg by our Triton kernel without tl.trans (kernels/gdn_dqkwg.py)"
+    else:
+        where = "chunk_bwd_dqkwg" + (" and prepare_wy_repr_bwd" if backend.endswith("-wy") else "") + " in torch"
+    return (f"{backend}: flash-linear-attention Triton chunk kernels, with {where} "
             f"(fla #640: miscompiled on Hopper with Triton < 3.7.1) ({versions})")
 
 
@@ -162,9 +167,10 @@ def chunk_gated_delta_rule(
             initial_state=None if initial_state is None else initial_state.float(),
             output_final_state=True,
         )
-    from kernels.gdn_fla import TorchBackwardParts, fla_chunk_gdn
+    from kernels.gdn_fla import BackwardParts, fla_chunk_gdn
 
-    parts = TorchBackwardParts(dqkwg=True, wy_repr=resolved.endswith("-wy"), compiled=compiled)
+    dqkwg = "triton" if resolved == "fla-triton-dqkwg" else "torch"
+    parts = BackwardParts(dqkwg=dqkwg, wy_repr=resolved.endswith("-wy"), compiled=compiled)
     return fla_chunk_gdn(q, k, v, g, beta, scale, initial_state, parts)
 
 

@@ -6,7 +6,8 @@ Triton miscompile of `tl.trans` on a wgmma-layout tile, wrong dk/dg at BK = 64).
 the chain runs on these versions; `_FlaChunkGDN` below is fla's own `ChunkGatedDeltaRuleFunction`
 (same kernels, same order, same saved tensors) except that `chunk_bwd_dqkwg` — and optionally
 `prepare_wy_repr_bwd`, whose sibling in fla's delta rule was miscompiled at BT = 64 on Hopper (#984) —
-are computed by the torch functions here. Both are independent per (batch, head, chunk), so they are
+are computed by the torch functions here (`chunk_bwd_dqkwg` optionally by our Triton kernel without
+`tl.trans` instead, kernels/gdn_dqkwg.py). Both are independent per (batch, head, chunk), so they are
 a handful of batched matmuls over all chunks at once, not a loop. The whole path is checked against
 the float64 recurrence on the GPU by bench/gdn_correctness.py, and the two torch functions against
 autograd on CPU by tests/test_gdn_chunk_bwd.py.
@@ -26,18 +27,24 @@ import torch
 import torch.nn.functional as F
 
 from kernels.compiled import compiled
+from kernels.gdn_dqkwg import chunk_bwd_dqkwg_triton
 
-__all__ = ["TorchBackwardParts", "chunk_bwd_dqkwg_torch", "fla_chunk_gdn", "in_batch_slices", "prepare_wy_repr_bwd_torch",
-           "temp_bytes_per_sequence"]
+__all__ = ["BackwardParts", "DQKWG_PATHS", "chunk_bwd_dqkwg_torch", "fla_chunk_gdn", "in_batch_slices",
+           "prepare_wy_repr_bwd_torch", "temp_bytes_per_sequence"]
+
+
+DQKWG_PATHS = ("torch", "triton", "fla")
+"""Who computes chunk_bwd_dqkwg: `chunk_bwd_dqkwg_torch` below, our Triton kernel without `tl.trans`
+(kernels/gdn_dqkwg.py), or fla's own kernel (refused by fla on Hopper with Triton < 3.7.1)."""
 
 
 @dataclass(frozen=True)
-class TorchBackwardParts:
-    """Which fla backward kernels run as torch code instead (True = torch)."""
+class BackwardParts:
+    """Which fla backward kernels run as our code instead: dqkwg one of DQKWG_PATHS, wy_repr True = torch."""
 
-    dqkwg: bool = True
+    dqkwg: str = "torch"
     wy_repr: bool = False
-    compiled: bool = False  # run those torch parts through torch.compile (fused elementwise around the matmuls)
+    compiled: bool = False  # run the torch parts through torch.compile (fused elementwise around the matmuls)
     # The torch parts hold float32 copies of every chunk and state they touch. A stacked Stage 1 hands them all
     # layers' sequences at once (batch x layers: 112 sequences of 4,096 tokens for Qwen2.5-1.5B at 4 x 4096, ~37 GiB
     # of temporaries by temp_bytes_per_sequence), which ran out of memory on an 80 GB H100
@@ -46,6 +53,10 @@ class TorchBackwardParts:
     # stacked 8 x 2048 in one slice, its 64 x 512 in two, Qwen's 4 x 4096 in three). Slicing costs one more
     # write and read of the outputs, so it is kept for steps that need it.
     max_temp_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dqkwg not in DQKWG_PATHS:
+            raise ValueError(f"chunk_bwd_dqkwg path must be one of {DQKWG_PATHS}, got {self.dqkwg!r}")
 
     def temp_budget(self, device: torch.device) -> int:
         if self.max_temp_bytes is not None:
@@ -193,7 +204,7 @@ def in_batch_slices(fn, args: tuple, per_sequence_bytes: int, max_bytes: int) ->
 
 class _FlaChunkGDN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, parts: TorchBackwardParts):
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, parts: BackwardParts):
         from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
 
         g_cum, o, A, final_state, initial_state, _ = chunk_gated_delta_rule_fwd(
@@ -223,9 +234,11 @@ class _FlaChunkGDN(torch.autograd.Function):
             dqkwg_torch, wy_torch = compiled(dqkwg_torch), compiled(wy_torch)
         per_sequence, budget = temp_bytes_per_sequence(q, v), parts.temp_budget(q.device)
         with torch.autocast(device_type="cuda", enabled=False):
-            if parts.dqkwg:
+            if parts.dqkwg == "torch":
                 dq, dk, dw, dg = in_batch_slices(dqkwg_torch, (q, k, v_new, g, h, dh, do, dv, scale),
                                                  per_sequence, budget)
+            elif parts.dqkwg == "triton":
+                dq, dk, dw, dg = chunk_bwd_dqkwg_triton(q, k, v_new, g, h, dh, do, dv, scale)
             else:
                 dq, dk, dw, dg = chunk_bwd_dqkwg(q=q, k=k, v=v_new, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=scale)
             if parts.wy_repr:
@@ -239,7 +252,7 @@ class _FlaChunkGDN(torch.autograd.Function):
 
 
 def fla_chunk_gdn(q, k, v, g, beta, scale: float, initial_state: torch.Tensor | None,
-                  parts: TorchBackwardParts = TorchBackwardParts()) -> tuple[torch.Tensor, torch.Tensor]:
+                  parts: BackwardParts = BackwardParts()) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, final_state) through fla's chunk kernels with `parts` of the backward in torch.
     q, k [B, T, H, K] and v [B, T, H, V] of one 16-bit dtype, g (natural log-decay) fp32, beta in v's dtype."""
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))

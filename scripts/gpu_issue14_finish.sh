@@ -22,9 +22,8 @@
 #      bench/results/train_throughput_profile_steady_h100.md, names dtype casts among the last 5 %): one step
 #      compiled but not replayed, so its aten ops show, with the copies grouped by input shape;
 #   3. STEADY=1: the replayed step under the profiler again (every switch on), e.g. after a change to the step.
-#   PRESET_MEMORY=1 (after 1): peak memory at the `small` and `paper` presets' micro-batches still unmeasured:
-#      SmolLM2 Stage 1 16 x 512 and 32 x 512, Stage 2 8 x 2048 and 4 x 4096; the 1.5B shape's `small` cells
-#      (Stage 1 16 x 512, Stage 2 8 x 2048). Six processes, ~1 min each with their compiles.
+# Peak memory at the presets' other micro-batches (bench/results/train_throughput.md, "Peak GPU memory"):
+#   MODES="stack+compile+graph" SMOL_LIMIT=1 QWEN=0 PRESET_MEMORY=1 bash scripts/gpu_train_throughput.sh
 # SMOL_TABLE=0 skips that table (scripts/gpu_train_throughput.sh, ~220 s, the CUDA-graph tests included). Done and recorded in bench/results/train_throughput.md: the steady profile, the Qwen shape's
 # Stage 2 with the switches; the correctness cases (scripts/gpu_gdn_rest.sh): bench/results/gdn_correctness.md.
 set -uo pipefail
@@ -40,14 +39,6 @@ QWEN="python3 bench/train_throughput.py --shape qwen2.5-1.5b --out $OUT/train_th
   --warmup 1 --label paper-preset-micro-batch"
 timeout "${MEMORY_LIMIT:-200}" $QWEN --stages 1 --seq 512 --micro-batch 32 2>&1 | quiet | tee "$OUT/memory.log"
 timeout "${MEMORY_LIMIT:-200}" $QWEN --stages 2 --seq 4096 --micro-batch 4 2>&1 | quiet | tee -a "$OUT/memory.log"
-if [ "${PRESET_MEMORY:-0}" = 1 ]; then  # the presets' micro-batches not measured yet (train_throughput.md, "Peak GPU memory")
-  ROW="python3 bench/train_throughput.py --out $OUT/train_throughput_memory.jsonl --steps 2 --warmup 1 --label preset-micro-batch"
-  for cell in "smollm2-135m 1 512 16" "smollm2-135m 1 512 32" "smollm2-135m 2 2048 8" "smollm2-135m 2 4096 4" \
-              "qwen2.5-1.5b 1 512 16" "qwen2.5-1.5b 2 2048 8"; do
-    set -- $cell
-    timeout "${MEMORY_LIMIT:-200}" $ROW --shape "$1" --stages "$2" --seq "$3" --micro-batch "$4" 2>&1 | quiet | tee -a "$OUT/memory.log"
-  done
-fi
 SMOL="python3 bench/train_throughput.py --shape smollm2-135m --seq 2048 --micro-batch 8 --steps 3 --warmup 3
   --out $OUT/train_throughput_profiled.jsonl"
 timeout "${PROFILE_LIMIT:-150}" $SMOL --modes stack+compile --profile-dir "$OUT/compiled_eager" \

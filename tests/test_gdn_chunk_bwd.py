@@ -117,7 +117,7 @@ def _backward_part_args(B, T, H, K, V, seed):
 
 
 def test_compiled_torch_parts_compute_what_the_eager_ones_do():
-    """Training on CUDA runs both functions through torch.compile (TorchBackwardParts.compiled); here inductor's
+    """Training on CUDA runs both functions through torch.compile (BackwardParts.compiled); here inductor's
     CPU backend compiles the same graphs: same results as eager on a partial last chunk."""
     from kernels.compiled import compiled
 
