@@ -14,11 +14,12 @@ Selectors (`hybrid score --selector ...`):
               from the position that predicts the answer (`distill.retrieval_heads`); a layer scores its
               strongest head's mean needle mass (higher = matters more). No training, one teacher forward
               per prompt.
-    reach     the teacher's long-range layers: on passkey prompts whose needle lies in the farthest quarter
-              of the filler, clip one layer's attention to the last `score.reach_window` tokens and measure
-              how much log-probability the answer loses (nats; higher = the layer's reach matters more). A
-              GDN layer keeps the recent past well and the far past blurred, so this asks which layers recall
-              needs to see far back. No training, L teacher forwards per prompt.
+    reach     the teacher's long-range layers: on passkey prompts (or another recall task's: `score.reach_task`)
+              whose needle lies in the farthest quarter of the filler, clip one layer's attention to the last
+              `score.reach_window` tokens and measure how much log-probability the answer loses (nats;
+              higher = the layer's reach matters more). A GDN layer keeps the recent past well and the far
+              past blurred, so this asks which layers recall needs to see far back. No training, L teacher
+              forwards per prompt.
     uniform   no ranking: K evenly spaced layers.
 
     A+reach   (ga-s2+reach, the default; kl-restore+reach) A's order with the layers whose `reach` score is
@@ -59,7 +60,7 @@ from distill.evaluate import EvalSet, kl_from_hidden
 from distill.model.modeling import HybridForCausalLM
 from distill.model.transfer import restore_softmax
 from distill.placement import uniform_softmax_layers
-from distill.recall_tasks import RecallSample, RecallTaskSpec, build_recall_task
+from distill.recall_tasks import RECALL_KINDS, RecallSample, RecallTaskSpec, build_recall_task
 from distill.retrieval_heads import layer_scores, mean_mass, measure
 from distill.stages import Stage2Config, heldout_alignment, run_stage2
 
@@ -161,6 +162,7 @@ class ScoreConfig:
     recall_pairs: int = 16  # ablation: key/value pairs per prompt
     retrieval_context: int = 4096  # retrieval and reach: tokens per passkey prompt (at most the teacher's context)
     reach_window: int = 256  # reach: the clipped layer sees this many tokens back (at most a quarter of the prompt)
+    reach_task: str = "passkey"  # reach: the recall task of its prompts (distill.recall_tasks.RECALL_KINDS)
     reach_threshold: float = 0.75  # A+reach: layers whose reach score is at least this (nats) go first (the
     # value keeps SmolLM2's layers 18 and 7, and only those, at 1K and 2K: bench/results/quality_h100/reach/)
 
@@ -473,12 +475,13 @@ def score_retrieval(teacher: nn.Module, tokenizer, cfg: ScoreConfig, runtime: Ru
 # ---------------------------------------------------------------------------------------------
 
 
-def far_passkey_samples(tokenizer, context: int, count: int, seed: int = 0) -> list[RecallSample]:
-    """`count` passkey prompts of `context` tokens whose needle starts in the farthest quarter of the filler."""
-    spec = RecallTaskSpec("passkey", context, samples=8 * count, seed=seed)
+def far_needle_samples(kind: str, tokenizer, context: int, count: int, seed: int = 0) -> list[RecallSample]:
+    """`count` prompts of recall task `kind`, `context` tokens each, whose answer's needle starts in the farthest
+    quarter of the filler."""
+    spec = RecallTaskSpec(kind, context, samples=8 * count, seed=seed)
     far = [sample for sample in build_recall_task(spec, tokenizer) if depth_bin(sample) == 0][:count]
     if not far:
-        raise UserError(f"no passkey prompt of {context} tokens put its needle in the farthest quarter")
+        raise UserError(f"no {kind} prompt of {context} tokens put its needle in the farthest quarter")
     return far
 
 
@@ -524,11 +527,13 @@ def score_reach(teacher: nn.Module, tokenizer, cfg: ScoreConfig, work_dir: Path,
                         f"{implementation!r} ignores; load the teacher with 'sdpa' or 'eager'")
     context = prompt_length(teacher, cfg)
     if 4 * cfg.reach_window > context:
-        raise UserError(f"score.reach_window={cfg.reach_window} must be at most a quarter of the passkey prompt "
-                        f"({context} tokens, score.retrieval_context or the teacher's context): a needle in the "
+        raise UserError(f"score.reach_window={cfg.reach_window} must be at most a quarter of the {cfg.reach_task} "
+                        f"prompt ({context} tokens, score.retrieval_context or the teacher's context): a needle in the "
                         f"farthest quarter must lie outside the window")
+    if cfg.reach_task not in RECALL_KINDS:
+        raise UserError(f"score.reach_task={cfg.reach_task!r}: expected one of {', '.join(RECALL_KINDS)}")
     try:
-        samples = far_passkey_samples(tokenizer, context, cfg.recall_samples)
+        samples = far_needle_samples(cfg.reach_task, tokenizer, context, cfg.recall_samples)
     except UserError as err:
         raise UserError(f"score.retrieval_context={cfg.retrieval_context}: {err}") from None
     batch = max(1, cfg.eval_batch // 2)  # the masked attention holds [batch, heads, T, T] scores
@@ -545,8 +550,8 @@ def score_reach(teacher: nn.Module, tokenizer, cfg: ScoreConfig, work_dir: Path,
     return ranking_from_scores(
         "reach", {layer: base_logprob - r["logprob"] for layer, r in results.items()}, lower_is_more_important=False,
         tiebreak={layer: base_exact - r["exact"] for layer, r in results.items()},
-        metric=f"far passkey answer log-prob lost, layer clipped to {cfg.reach_window} tokens (nats)",
-        details={"context": context, "window": cfg.reach_window, "samples": len(samples),
+        metric=f"far {cfg.reach_task} answer log-prob lost, layer clipped to {cfg.reach_window} tokens (nats)",
+        details={"task": cfg.reach_task, "context": context, "window": cfg.reach_window, "samples": len(samples),
                  "teacher_logprob": base_logprob, "teacher_exact": base_exact,
                  "exact_clipped": {str(layer): r["exact"] for layer, r in results.items()}},
     )

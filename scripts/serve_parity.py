@@ -166,16 +166,22 @@ def teacher_forced_gaps(checkpoint: str, generations: list[dict], reference_weig
     return rows
 
 
-def summarize(rows: list[dict], tolerance: float) -> dict:
-    positions = sum(len(r["gaps"]) for r in rows)
-    exact = sum(g == 0.0 for r in rows for g in r["gaps"])
-    worst = max(g for r in rows for g in r["gaps"])
-    failures = [
+def gaps_beyond_noise_floor(rows: list[dict], tolerance: float) -> list[dict]:
+    """The parity rule: a served token fails where its top-1 gap exceeds both `tolerance` and its position's noise
+    floor (rows from `teacher_forced_gaps`)."""
+    return [
         {"prompt": r["prompt"], "position": i, "gap": g, "noise_floor": floor}
         for r in rows
         for i, (g, floor) in enumerate(zip(r["gaps"], r["noise_floor_gaps"]))
         if g > max(tolerance, floor)
     ]
+
+
+def summarize(rows: list[dict], tolerance: float) -> dict:
+    positions = sum(len(r["gaps"]) for r in rows)
+    exact = sum(g == 0.0 for r in rows for g in r["gaps"])
+    worst = max(g for r in rows for g in r["gaps"])
+    failures = gaps_beyond_noise_floor(rows, tolerance)
     errors = [e for r in rows for e in r["logprob_abs_errors"]]
     return {
         "prompts": len(rows),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from scripts.serve_parity import teacher_forced_gaps
+from scripts.serve_parity import gaps_beyond_noise_floor, teacher_forced_gaps
 
 NEAR_TIE = 0.1
 TINY_VOCAB, TINY_SPECIAL_IDS = 384, 3  # tests/tiny_models.py: ids 0-2 are the special tokens
@@ -39,10 +39,6 @@ def assert_near_ties(checkpoint: Path, generations: list[dict], tolerance: float
     standard deviations of that gap under bf16-sized noise, scripts/serve_parity.py; a 30-layer model's bf16
     forward moves top-1 gaps by ~0.1-0.2 on random-token prompts, where most positions are near-ties)."""
     rows = teacher_forced_gaps(str(checkpoint), generations, reference_weights="bf16")
-    beyond = {
-        (len(r["prompt_ids"]), i): (gap, floor)
-        for r in rows
-        for i, (gap, floor) in enumerate(zip(r["gaps"], r["noise_floor_gaps"]))
-        if gap > max(tolerance, floor)
-    }
-    assert not beyond, f"(prompt length, position): (top-1 gap, noise floor) beyond {tolerance}: {beyond}"
+    beyond = gaps_beyond_noise_floor(rows, tolerance)
+    compact = [(len(f["prompt"]), f["position"], f["gap"], f["noise_floor"]) for f in beyond]
+    assert not beyond, f"(prompt length, position, top-1 gap, noise floor) beyond {tolerance} and the floor: {compact}"

@@ -260,6 +260,19 @@ def test_reach_ranks_layers_by_the_far_needle_logprob_their_clipping_loses(setup
         teacher.config._attn_implementation = implementation
 
 
+def test_reach_on_another_recall_task_scores_its_far_needles(setup, tmp_path):
+    """score.reach_task: the same clipping on variable-tracking prompts (the chain's first needle in the farthest
+    quarter of the filler)."""
+    teacher, tok, _, _ = setup
+    cfg = replace(score_cfg(), recall_samples=3, retrieval_context=256, reach_window=32, reach_task="vartrack")
+    ranking = score_reach(teacher, tok, cfg, tmp_path / "a", CPU)
+    passkey = score_reach(teacher, tok, replace(cfg, reach_task="passkey"), tmp_path / "b", CPU)
+    assert sorted(ranking.order) == [0, 1, 2, 3] and ranking.details["task"] == "vartrack"
+    assert ranking.metric.startswith("far vartrack answer log-prob lost") and ranking.scores != passkey.scores
+    with pytest.raises(UserError, match="score.reach_task='cloze': expected one of passkey, multikey, assoc, vartrack"):
+        score_reach(teacher, tok, replace(cfg, reach_task="cloze"), tmp_path / "c", CPU)
+
+
 def test_with_reach_puts_the_layers_far_recall_needs_first():
     kl = ranking_from_scores("ga-s2", {0: 0.50, 1: 0.51, 2: 0.60, 3: 0.55, 4: 0.70}, True, "held-out KL")
     reach = ranking_from_scores("reach", {0: 0.1, 1: 0.0, 2: 1.6, 3: 0.3, 4: 10.8}, False, "nats lost")

@@ -45,6 +45,17 @@ def run_parity(checkpoint: Path, out: Path, timeout: int = 900, *extra: str) -> 
     return result
 
 
+def test_a_gap_fails_only_beyond_both_the_tolerance_and_its_noise_floor():
+    """The rule the parity script and the server tests share (scripts/serve_parity.gaps_beyond_noise_floor)."""
+    from scripts.serve_parity import gaps_beyond_noise_floor
+
+    rows = [{"prompt": "a", "gaps": [0.0, 0.15, 0.3, 0.05], "noise_floor_gaps": [0.0, 0.2, 0.2, 0.0]},
+            {"prompt": "b", "gaps": [0.12], "noise_floor_gaps": [0.01]}]
+    failures = gaps_beyond_noise_floor(rows, tolerance=0.1)
+    assert [(f["prompt"], f["position"], f["gap"]) for f in failures] == [("a", 2, 0.3), ("b", 0, 0.12)]
+    assert gaps_beyond_noise_floor(rows, tolerance=0.5) == []
+
+
 def test_bf16_sized_noise_is_seeded_small_and_removed_on_exit():
     """The noise floor's perturbation: reproducible under a seed, about bf16's rounding in size, gone after."""
     import torch
