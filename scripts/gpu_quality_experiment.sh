@@ -49,7 +49,10 @@
 # 18 and 7 lose the far passkey when clipped to 256 tokens; ga_s2_reach/: trained from Stage 1, passkey@4K 0.88
 # against GA-S2's 0.53): RANKINGS= brings the CPU's 2K reach ranking (ranking-reach.json; the 4K one did not fit in
 # align's LIMIT=330 on 2026-12-07), `align` writes rank-ga-s2+reach from it and GA-S2's, then HYBRIDS="ga-s2+reach"
-# TAG=4k-lr2 on the 4K settings trains 1, 2, 5, 7, 8, 17, 18, 20. Still to run: SEED=1 (and 2) of it and of ga-s2.
+# TAG=4k-lr2 on the 4K settings trains 1, 2, 5, 7, 8, 17, 18, 20. Seeds 0 and 1 of it and of ga-s2 ran
+# (ga_s2_reach/, ga_s2_reach_seed1/, ga_s2_seed1/); seed 2 of both is still to run.
+# The reach layers of the harder recall tasks too (reach_tasks/: on the teacher, multi-key, associative and variable
+# tracking also lean on layers 14 and 23): HYBRIDS="reach-all=1,7,8,14,17,18,20,23" TAG=4k-lr2 on the 4K settings.
 # Long-range copies in every Stage-2 sequence (distill.data.CopySpans; TAG=4k-copy, `--set
 # stage2.copies.per_sequence=4` on the 4K settings): the KL then asks for text 1,024-4,000 tokens back.
 # Cosine instead of the constant Stage-2 LR (TAG=4k-cos, `--set stage2.train.schedule=cosine --set
