@@ -1,6 +1,6 @@
 """GPU benchmark of kernels/: fused linear + KL (Stage 2) and the GDN decode step, against libraries.
 
-    python bench/kernels_bench.py bench/results/kernels.md [--sections ceilings,kl,decode,sweep]
+    python bench/kernels_bench.py bench/results/kernels.md [--sections kl,decode,sweep,dqkwg]
 
 Every implementation is first checked against float64 references on fresh random inputs (never
 zeros); then it is timed:
@@ -11,6 +11,8 @@ zeros); then it is timed:
   rotates over enough state-cache rows to defeat the L2 cache; ours vs fla
   `fused_recurrent_gated_delta_rule` (run in a subprocess: a crash there must not end this run)
   and vs a plain copy of the same bytes (the roofline).
+- GDN chunk_bwd_dqkwg (section dqkwg, not in the default list): our Triton kernel's errors against the float64
+  torch form on bf16 inputs, and its time per launch config against the torch form training runs today.
 Writes markdown tables to the path given; prints them too.
 """
 
@@ -479,6 +481,68 @@ def decode_sweep() -> str:
     )
 
 
+# -------------------------------------------------------------------------- GDN chunk_bwd_dqkwg
+
+# (name, B, T, H, K = V): one stacked Stage-1 micro-batch of SmolLM2 (30 layers x 8 sequences) and part of the
+# 1.5B shape's (28 of its 112 sequences: the torch form's float32 temporaries of all 112 would not fit)
+DQKWG_SHAPES = [("smollm2 stacked 8x2048", 240, 2048, 9, 64), ("qwen2.5-1.5b 28x4096", 28, 4096, 12, 128)]
+DQKWG_CONFIGS = [(bk, bv, w, st) for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for st in (1, 2)]
+
+
+def dqkwg_inputs(B, T, H, D, seed, device="cuda"):
+    """Arguments of chunk_bwd_dqkwg in training's dtypes: bf16 tensors, float32 in-chunk base-2 decays."""
+    gen = torch.Generator(device).manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=gen, device=device)  # noqa: E731
+    N = -(-T // 64)
+    q, k = (F.normalize(r(B, T, H, D), dim=-1).bfloat16() for _ in range(2))
+    steps = -torch.rand(B, T, H, generator=gen, device=device) * 0.3
+    g = torch.cat([steps[:, s : s + 64].cumsum(1) for s in range(0, T, 64)], 1) / math.log(2)
+    h, dh = (0.5 * r(B, N, H, D, D)).bfloat16(), (0.5 * r(B, N, H, D, D)).bfloat16()
+    v, do, dv = r(B, T, H, D).bfloat16(), r(B, T, H, D).bfloat16(), r(B, T, H, D).bfloat16()
+    return q, k, v, g, h, dh, do, dv, D**-0.5
+
+
+def dqkwg_section(ceilings: dict) -> tuple[str, bool]:
+    """Our Triton chunk_bwd_dqkwg against the torch form training runs today: errors against the float64 torch
+    form on the same bf16 inputs, then the time of each launch config and of the torch form."""
+    from kernels.gdn_dqkwg import DEFAULT_CONFIG, chunk_bwd_dqkwg_triton
+    from kernels.gdn_fla import chunk_bwd_dqkwg_torch
+
+    names, ok, check_rows, time_rows = ("dq", "dk", "dw", "dg"), True, [], []
+    for name, B, T, H, D in DQKWG_SHAPES:
+        args = dqkwg_inputs(min(B, 8), T, H, D, seed=1)
+        ref = chunk_bwd_dqkwg_torch(*(a.double() if torch.is_tensor(a) else a for a in args))
+        for config in (DEFAULT_CONFIG, (32, 32, 4, 2)):
+            errs = [rel_err(x, r) for x, r in zip(chunk_bwd_dqkwg_triton(*args, config=config), ref)]
+            ok &= max(errs) <= 2e-2
+            check_rows.append([name, str(config), *errs])
+        del ref
+        args = dqkwg_inputs(B, T, H, D, seed=2)
+        results = {"torch form (float32)": time_ms(lambda: chunk_bwd_dqkwg_torch(*args), 5)}
+        for config in DQKWG_CONFIGS:
+            try:
+                chunk_bwd_dqkwg_triton(*args, config=config)  # compile outside the timing
+                results[str(config)] = time_ms(lambda config=config: chunk_bwd_dqkwg_triton(*args, config=config), 5)
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile (shared memory) is a result
+                results[str(config)] = f"{type(exc).__name__}"
+        timed = {c: t for c, t in results.items() if isinstance(t, float) and c != "torch form (float32)"}
+        best = min(timed, key=timed.get)
+        time_rows.append([name, f"{results['torch form (float32)']:.3f}", f"{results[str(DEFAULT_CONFIG)]:.3f}",
+                          best, f"{timed[best]:.3f}"])
+        print("dqkwg", name, json.dumps(results), flush=True)
+        del args
+        torch.cuda.empty_cache()
+    text = [
+        "## GDN `chunk_bwd_dqkwg`: our Triton kernel (kernels/gdn_dqkwg.py) against the torch form",
+        f"Relative error against the float64 torch form on the same bf16 inputs (first {min(8, DQKWG_SHAPES[0][1])} "
+        "sequences; tolerance 2e-2, bf16 operands with float32 accumulation); config = (BK, BV, warps, stages):",
+        table(["shape", "config", *names], check_rows),
+        "Time per call (ms, median of 5, CUDA events):",
+        table(["shape", "torch form", f"Triton {DEFAULT_CONFIG}", "best config", "its ms"], time_rows),
+    ]
+    return "\n\n".join(text), ok
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -512,13 +576,13 @@ def sweep_section(ceilings: dict) -> tuple[str, bool]:
     return decode_sweep(), True
 
 
-SECTIONS = {"kl": kl_section, "decode": decode_section, "sweep": sweep_section}
+SECTIONS = {"kl": kl_section, "decode": decode_section, "sweep": sweep_section, "dqkwg": dqkwg_section}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", nargs="?", help="markdown file to write (rewritten after every section)")
-    parser.add_argument("--sections", default="kl,decode,sweep", help="comma-separated: kl, decode, sweep")
+    parser.add_argument("--sections", default="kl,decode,sweep", help="comma-separated: kl, decode, sweep, dqkwg")
     parser.add_argument("--fla-decode-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fla_decode_worker:

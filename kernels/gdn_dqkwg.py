@@ -34,7 +34,7 @@ try:
 except ImportError:  # CPU-only installs without triton
     triton = None
 
-__all__ = ["chunk_bwd_dqkwg_triton"]
+__all__ = ["DEFAULT_CONFIG", "chunk_bwd_dqkwg_triton"]
 
 CHUNK = 64  # fla's chunk size for the gated delta rule
 
@@ -132,10 +132,15 @@ if triton is not None:
         tl.store(dg_ptr + ((i_k * B + b) * T + t).to(tl.int64) * H + hd, dg, mask=t_ok)
 
 
-def chunk_bwd_dqkwg_triton(q, k, v_new, g, h, dh, do, dv, scale: float, chunk: int = CHUNK):
+DEFAULT_CONFIG = (64, 64, 8, 2)  # (BK, BV, num_warps, num_stages), capped at the head sizes; not yet tuned on a GPU
+
+
+def chunk_bwd_dqkwg_triton(q, k, v_new, g, h, dh, do, dv, scale: float, chunk: int = CHUNK,
+                           config: tuple[int, int, int, int] = DEFAULT_CONFIG):
     """Drop-in for `kernels.gdn_fla.chunk_bwd_dqkwg_torch` (same arguments and outputs): dq, dk [B, T, H, K]
     float32, dw [B, T, H, K] in k's dtype, dg [B, T, H] float32 (per token, before fla's reverse in-chunk cumsum).
-    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. `config`: (BK, BV, num_warps, num_stages)
+    (bench/kernels_bench.py --sections dqkwg sweeps it)."""
     if triton is None:
         raise RuntimeError("chunk_bwd_dqkwg_triton needs triton")
     if chunk != CHUNK:
@@ -148,8 +153,9 @@ def chunk_bwd_dqkwg_triton(q, k, v_new, g, h, dh, do, dv, scale: float, chunk: i
                          f"got {tuple(h.shape)}, {tuple(dh.shape)}")
     q, k, v_new, do, dv, h, dh = (x.contiguous() for x in (q, k, v_new, do, dv, h, dh))
     g = g.float().contiguous()
-    BK = min(64, triton.next_power_of_2(K))
-    BV = min(64, triton.next_power_of_2(V))
+    block_k, block_v, num_warps, num_stages = config
+    BK = min(block_k, triton.next_power_of_2(K))
+    BV = min(block_v, triton.next_power_of_2(V))
     NK = triton.cdiv(K, BK)
     dq = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dk = torch.empty_like(dq)
@@ -158,6 +164,6 @@ def chunk_bwd_dqkwg_triton(q, k, v_new, g, h, dh, do, dv, scale: float, chunk: i
     _dqkwg_kernel[(B * H, NT, NK)](
         q, k, v_new, do, dv, g, h, dh, dq, dk, dw, dg, scale, B, T,
         H=H, K=K, V=V, BT=chunk, BK=BK, BV=BV, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=8, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dk, dw, dg.sum(0)
