@@ -253,7 +253,7 @@ class _FlaChunkGDN(torch.autograd.Function):
 
 def fla_chunk_gdn(q, k, v, g, beta, scale: float, initial_state: torch.Tensor | None,
                   parts: BackwardParts = BackwardParts()) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, final_state) through fla's chunk kernels with `parts` of the backward in torch.
+    """(o, final_state) through fla's chunk kernels, with the backward kernels `parts` names replaced by ours.
     q, k [B, T, H, K] and v [B, T, H, V] of one 16-bit dtype, g (natural log-decay) fp32, beta in v's dtype."""
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
     g = g.float().contiguous()

@@ -27,6 +27,7 @@ part check && timeout "${CHECK_LIMIT:-170}" python3 bench/gdn_correctness.py \
   --skip-side-checks --lengths ${LENGTHS:-1 63 64 100 1000 2048} --padded-lengths 100 2048 \
   --out-dir "$OUT/dqkwg_correctness" 2>&1 | quiet | tail -60
 part speed && timeout "${SPEED_LIMIT:-280}" python3 bench/train_throughput.py --shape smollm2-135m --seq 2048 \
-  --micro-batch 8 --steps 6 --warmup 3 --modes stack+compile+graph --gdn-backends fla-torch-dqkwg fla-triton-dqkwg --baseline \
+  --micro-batch 8 --steps 6 --warmup 3 --modes stack+compile+graph --baseline \
+  --gdn-backends fla-torch-dqkwg fla-triton-dqkwg \
   --out "$OUT/train_throughput_dqkwg.jsonl" --label "dqkwg: torch vs triton" 2>&1 | quiet | tee "$OUT/throughput.log"
 ls -la "$OUT"
