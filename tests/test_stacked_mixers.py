@@ -1,7 +1,10 @@
 """Stage 1's stacked mixers (distill.model.gdn_mixer.stacked_gdn_forward) compute what each mixer computes
-on its own input: outputs and every parameter's gradient against the per-layer loop, in float64 (the
-log-decay g is float32 by design in both, so a batched GEMM's last-bit difference in its input can move
-it by one float32 ulp: the tolerance is relative to each tensor's scale, 1e-6)."""
+on its own input: outputs and every parameter's gradient against the per-layer loop, with float64 weights and
+inputs. Both paths compute the log-decay g and the chunked delta rule in float32 by design
+(kernels/gdn_reference.py), and a batched GEMM may sum in another order than the per-layer one, so they agree
+to float32 rounding, not float64's: the tolerance is 1e-5 relative to each tensor's scale. A_log's gradient, a
+sum over every token whose terms largely cancel, showed 1.0-1.5e-6 at 70 tokens on one CPU and under 1e-6 on
+another (2026-12-07); a layer's input or weights mixed up with another's moves a tensor by 1e-2 or more."""
 
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ def test_stacked_mixers_equal_each_mixer_alone_in_float64(family, seq_len):
         assert_close_to_scale(got[name], grad, name)
 
 
-def assert_close_to_scale(got: torch.Tensor, expected: torch.Tensor, what: str, tol: float = 1e-6) -> None:
+def assert_close_to_scale(got: torch.Tensor, expected: torch.Tensor, what: str, tol: float = 1e-5) -> None:
     error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
     assert error < tol, (what, error)
 
