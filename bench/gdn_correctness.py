@@ -361,7 +361,8 @@ def write_merged_report(paths: list[Path], out_dir: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
-    p.add_argument("--backends", nargs="+", default=["fla-torch-dqkwg", "fla-triton-dqkwg", "fla-torch-dqkwg-wy", "fla", "torch"])
+    p.add_argument("--backends", nargs="+",
+                   default=["fla-torch-dqkwg", "fla-triton-dqkwg", "fla-torch-dqkwg-wy", "fla", "torch"])
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--lengths", type=int, nargs="+", default=[1, 63, 64, 100, 1000, 2048, 8192])
     p.add_argument("--padded-lengths", type=int, nargs="+", default=[100, 2048])

@@ -525,11 +525,11 @@ def dqkwg_section(ceilings: dict) -> tuple[str, bool]:
                 results[str(config)] = time_ms(lambda config=config: chunk_bwd_dqkwg_triton(*args, config=config), 5)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile (shared memory) is a result
                 results[str(config)] = f"{type(exc).__name__}"
+        print("dqkwg", name, json.dumps(results), flush=True)  # before the table: a failed config stays visible
         timed = {c: t for c, t in results.items() if isinstance(t, float) and c != "torch form (float32)"}
-        best = min(timed, key=timed.get)
-        time_rows.append([name, f"{results['torch form (float32)']:.3f}", f"{results[str(DEFAULT_CONFIG)]:.3f}",
-                          best, f"{timed[best]:.3f}"])
-        print("dqkwg", name, json.dumps(results), flush=True)
+        best = min(timed, key=timed.get) if timed else "none compiled"
+        ms = lambda key: f"{results[key]:.3f}" if isinstance(results.get(key), float) else str(results.get(key))  # noqa: E731
+        time_rows.append([name, ms("torch form (float32)"), ms(str(DEFAULT_CONFIG)), best, ms(best)])
         del args
         torch.cuda.empty_cache()
     text = [
