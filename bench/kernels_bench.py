@@ -486,7 +486,9 @@ def decode_sweep() -> str:
 # (name, B, T, H, K = V): one stacked Stage-1 micro-batch of SmolLM2 (30 layers x 8 sequences) and part of the
 # 1.5B shape's (28 of its 112 sequences: the torch form's float32 temporaries of all 112 would not fit)
 DQKWG_SHAPES = [("smollm2 stacked 8x2048", 240, 2048, 9, 64), ("qwen2.5-1.5b 28x4096", 28, 4096, 12, 128)]
-DQKWG_CONFIGS = [(bk, bv, w, st) for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for st in (1, 2)]
+# largest tiles first: Triton 3.6 and 3.7 on Hopper have reports of illegal addresses in multi-dot kernels with
+# 32-wide tiles (triton #10486, #11366), and the sweep stops after three crashed configs
+DQKWG_CONFIGS = [(bk, bv, w, st) for bk in (64, 32) for bv in (64, 32) for w in (8, 4) for st in (2, 1)]
 
 
 def dqkwg_inputs(B, T, H, D, seed, device="cuda"):
@@ -502,41 +504,110 @@ def dqkwg_inputs(B, T, H, D, seed, device="cuda"):
     return q, k, v, g, h, dh, do, dv, D**-0.5
 
 
-def dqkwg_section(ceilings: dict) -> tuple[str, bool]:
-    """Our Triton chunk_bwd_dqkwg against the torch form training runs today: errors against the float64 torch
-    form on the same bf16 inputs, then the time of each launch config and of the torch form."""
+def dqkwg_worker(spec: str) -> None:
+    """Subprocess, one shape: `index:first|config;config;...` (config = BK,BV,warps,stages). With `first`, checks
+    the default config against the float64 torch form on the shape's first 8 sequences; then, at the full shape,
+    each config against the float32 torch form and its time. Prints BEGIN before and RESULT after each config, so
+    the parent can name a config whose kernel kills the CUDA context (an illegal address is not recoverable)."""
     from kernels.gdn_dqkwg import DEFAULT_CONFIG, chunk_bwd_dqkwg_triton
     from kernels.gdn_fla import chunk_bwd_dqkwg_torch
 
-    names, ok, check_rows, time_rows = ("dq", "dk", "dw", "dg"), True, [], []
-    for name, B, T, H, D in DQKWG_SHAPES:
+    head, configs = spec.split("|")
+    index, first = head.split(":")[0], head.endswith(":first")
+    _, B, T, H, D = DQKWG_SHAPES[int(index)]
+    if first:
         args = dqkwg_inputs(min(B, 8), T, H, D, seed=1)
         ref = chunk_bwd_dqkwg_torch(*(a.double() if torch.is_tensor(a) else a for a in args))
         for config in (DEFAULT_CONFIG, (32, 32, 4, 2)):
             errs = [rel_err(x, r) for x, r in zip(chunk_bwd_dqkwg_triton(*args, config=config), ref)]
-            ok &= max(errs) <= 2e-2
-            check_rows.append([name, str(config), *errs])
-        del ref
-        args = dqkwg_inputs(B, T, H, D, seed=2)
-        results = {"torch form (float32)": time_ms(lambda: chunk_bwd_dqkwg_torch(*args), 5)}
-        for config in DQKWG_CONFIGS:
-            try:
-                chunk_bwd_dqkwg_triton(*args, config=config)  # compile outside the timing
-                results[str(config)] = time_ms(lambda config=config: chunk_bwd_dqkwg_triton(*args, config=config), 5)
-            except Exception as exc:  # noqa: BLE001 - a config that does not compile (shared memory) is a result
-                results[str(config)] = f"{type(exc).__name__}"
-        print("dqkwg", name, json.dumps(results), flush=True)  # before the table: a failed config stays visible
-        timed = {c: t for c, t in results.items() if isinstance(t, float) and c != "torch form (float32)"}
-        best = min(timed, key=timed.get) if timed else "none compiled"
-        ms = lambda key: f"{results[key]:.3f}" if isinstance(results.get(key), float) else str(results.get(key))  # noqa: E731
-        time_rows.append([name, ms("torch form (float32)"), ms(str(DEFAULT_CONFIG)), best, ms(best)])
-        del args
-        torch.cuda.empty_cache()
+            print("CHECK " + json.dumps({"config": str(config), "errs": errs}), flush=True)
+        del args, ref
+    args = dqkwg_inputs(B, T, H, D, seed=2)
+    ref = chunk_bwd_dqkwg_torch(*args)
+    torch_ms = time_ms(lambda: chunk_bwd_dqkwg_torch(*args), 5)
+    print("RESULT " + json.dumps({"config": "torch form (float32)", "ms": torch_ms}), flush=True)
+    for text in filter(None, configs.split(";")):
+        config = tuple(int(x) for x in text.split(","))
+        print("BEGIN " + str(config), flush=True)
+        got = chunk_bwd_dqkwg_triton(*args, config=config)  # compiles outside the timing
+        errs = [rel_err(x, r) for x, r in zip(got, ref)]
+        del got
+        ms = time_ms(lambda config=config: chunk_bwd_dqkwg_triton(*args, config=config), 5)
+        print("RESULT " + json.dumps({"config": str(config), "ms": ms, "errs": errs}), flush=True)
+
+
+def run_dqkwg_worker(index: int) -> tuple[list[dict], dict]:
+    """Every config of one shape, a worker restarted past a config that crashes it (up to three): (check rows,
+    results by config: {"ms", "errs"} or {"error": the last line of the worker's stderr})."""
+    todo, checks, results, first, crashes = list(DQKWG_CONFIGS), [], {}, True, 0
+    while (first or todo) and crashes < 3:  # three crashed configs: stop there, the rest are not run
+        spec = f"{index}:{'first' if first else ''}|" + ";".join(",".join(map(str, c)) for c in todo)
+        cmd = [sys.executable, os.path.abspath(__file__), "--dqkwg-worker", spec]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            proc = subprocess.CompletedProcess(cmd, -1, out, f"timeout after {e.timeout} s")
+        begun = None
+        for line in proc.stdout.splitlines():
+            kind, _, payload = line.partition(" ")
+            if kind == "CHECK":
+                checks.append(json.loads(payload))
+            elif kind == "BEGIN":
+                begun = payload
+            elif kind == "RESULT":
+                r = json.loads(payload)
+                results[r.pop("config")] = r
+                begun = None
+        first = False
+        if proc.returncode == 0:
+            break
+        last_line = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1][:300]
+        print(f"dqkwg worker {index} stopped at {begun}: {last_line}", flush=True)
+        if begun is None:  # died before any config: nothing to skip
+            results["worker"] = {"error": last_line}
+            break
+        results[begun] = {"error": last_line}
+        todo = [c for c in todo if str(c) not in results]
+        crashes += 1
+    skipped = [str(c) for c in todo if str(c) not in results]
+    results.update({c: {"error": "not run: three configs crashed before it"} for c in skipped})
+    return checks, results
+
+
+def dqkwg_section(ceilings: dict) -> tuple[str, bool]:
+    """Our Triton chunk_bwd_dqkwg against the torch form training runs today: errors against the float64 torch
+    form on the first sequences, then every launch config at the full shape (errors against the float32 torch
+    form and time), each shape in a worker process that is restarted past a config that crashes it."""
+    from kernels.gdn_dqkwg import DEFAULT_CONFIG
+
+    names, ok, check_rows, config_rows, time_rows = ("dq", "dk", "dw", "dg"), True, [], [], []
+    torch.cuda.empty_cache()  # leave the workers the whole device
+    for index, (name, *_shape) in enumerate(DQKWG_SHAPES):
+        checks, results = run_dqkwg_worker(index)
+        print("dqkwg", name, json.dumps(results), flush=True)  # before the tables: a failed config stays visible
+        for c in checks:
+            ok &= max(c["errs"]) <= 2e-2
+            check_rows.append([name, c["config"], *c["errs"]])
+        ok &= len(checks) == 2 and "ms" in results.get(str(DEFAULT_CONFIG), {})
+        for config, r in results.items():
+            if "errs" in r:
+                ok &= max(r["errs"]) <= 2e-2
+                config_rows.append([name, config, *(f"{e:.1e}" for e in r["errs"])])
+            elif "error" in r:
+                config_rows.append([name, config, f"crashed: {r['error']}", "", "", ""])
+        timed = {c: r["ms"] for c, r in results.items() if "ms" in r and c != "torch form (float32)"}
+        best = min(timed, key=timed.get) if timed else "none ran"
+        ms = lambda key: f"{timed[key]:.3f}" if key in timed else "—"  # noqa: E731
+        torch_ms = results.get("torch form (float32)", {}).get("ms")
+        time_rows.append([name, f"{torch_ms:.3f}" if torch_ms else "—", ms(str(DEFAULT_CONFIG)), best, ms(best)])
     text = [
         "## GDN `chunk_bwd_dqkwg`: our Triton kernel (kernels/gdn_dqkwg.py) against the torch form",
         f"Relative error against the float64 torch form on the same bf16 inputs (first {min(8, DQKWG_SHAPES[0][1])} "
         "sequences; tolerance 2e-2, bf16 operands with float32 accumulation); config = (BK, BV, warps, stages):",
         table(["shape", "config", *names], check_rows),
+        "Every config at the full shape, relative error against the float32 torch form (a crash: its error):",
+        table(["shape", "config", *names], config_rows),
         "Time per call (ms, median of 5, CUDA events):",
         table(["shape", "torch form", f"Triton {DEFAULT_CONFIG}", "best config", "its ms"], time_rows),
     ]
@@ -584,9 +655,13 @@ def main() -> None:
     parser.add_argument("out", nargs="?", help="markdown file to write (rewritten after every section)")
     parser.add_argument("--sections", default="kl,decode,sweep", help="comma-separated: kl, decode, sweep, dqkwg")
     parser.add_argument("--fla-decode-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--dqkwg-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fla_decode_worker:
         fla_decode_worker([int(b) for b in args.fla_decode_worker.split(",")])
+        return
+    if args.dqkwg_worker:
+        dqkwg_worker(args.dqkwg_worker)
         return
     assert torch.cuda.is_available(), "this benchmark needs a CUDA device"
 
