@@ -34,7 +34,7 @@ try:
 except ImportError:  # CPU-only installs without triton
     triton = None
 
-__all__ = ["DEFAULT_CONFIG", "chunk_bwd_dqkwg_triton"]
+__all__ = ["DEFAULT_CONFIG", "chunk_bwd_dqkwg_triton", "miscompiled_on"]
 
 CHUNK = 64  # fla's chunk size for the gated delta rule
 
@@ -132,7 +132,22 @@ if triton is not None:
         tl.store(dg_ptr + ((i_k * B + b) * T + t).to(tl.int64) * H + hd, dg, mask=t_ok)
 
 
-DEFAULT_CONFIG = (64, 64, 8, 2)  # (BK, BV, num_warps, num_stages), capped at the head sizes; not yet tuned on a GPU
+DEFAULT_CONFIG = (64, 64, 8, 2)  # (BK, BV, num_warps, num_stages), capped at the head sizes
+
+
+def miscompiled_on(capability: tuple[int, int], triton_version: str, block_k: int, num_warps: int) -> str | None:
+    """Why this launch shape is known to give wrong results on this GPU and Triton, or None.
+
+    On an H100 with Triton 3.6, 32-wide K blocks with 4 warps gave dk and dg 30 % off at one shape and an illegal
+    address at another (bench/results/dqkwg_triton_h100/); 8 warps, or 64-wide K blocks, were right at both.
+    Public reports place the same fault (several dots, 32-wide tiles, 4 warps, Hopper) in Triton 3.6 and 3.7.1 and
+    not in 3.5.1 (triton-lang/triton #10486, #11366), so it is refused on Hopper from Triton 3.6 on."""
+    from packaging.version import Version
+
+    if capability[0] == 9 and Version(triton_version) >= Version("3.6.0") and block_k < 64 and num_warps < 8:
+        return (f"BK={block_k} with {num_warps} warps miscompiles on Hopper with Triton {triton_version} "
+                "(wrong dk and dg, or an illegal address): use 8 warps or BK=64")
+    return None
 
 
 def chunk_bwd_dqkwg_triton(q, k, v_new, g, h, dh, do, dv, scale: float, chunk: int = CHUNK,
@@ -157,6 +172,9 @@ def chunk_bwd_dqkwg_triton(q, k, v_new, g, h, dh, do, dv, scale: float, chunk: i
     BK = min(block_k, triton.next_power_of_2(K))
     BV = min(block_v, triton.next_power_of_2(V))
     NK = triton.cdiv(K, BK)
+    if q.is_cuda and (why := miscompiled_on(torch.cuda.get_device_capability(q.device), triton.__version__, BK,
+                                           num_warps)):
+        raise ValueError(why)
     dq = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dk = torch.empty_like(dq)
     dw = torch.empty(B, T, H, K, dtype=k.dtype, device=q.device)

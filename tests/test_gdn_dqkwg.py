@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.gdn_dqkwg import chunk_bwd_dqkwg_triton
+from kernels.gdn_dqkwg import DEFAULT_CONFIG, chunk_bwd_dqkwg_triton, miscompiled_on
 from kernels.gdn_fla import BackwardParts, chunk_bwd_dqkwg_torch
 from tests.test_gdn_chunk_bwd import _backward_part_args
 from tests.triton_interpreter import driver_only, interpreted_only, run_interpreted_tests
@@ -76,3 +76,16 @@ def test_bad_state_shapes_and_chunk_sizes_are_refused_before_any_launch():
 def test_an_unknown_dqkwg_path_is_refused_with_the_choices():
     with pytest.raises(ValueError, match=r"one of \('torch', 'triton', 'fla'\), got 'tilelang'"):
         BackwardParts(dqkwg="tilelang")
+
+
+def test_the_launch_shape_that_miscompiled_on_hopper_is_refused_there_only():
+    """BK=32 with 4 warps gave wrong dk/dg on an H100 with Triton 3.6 (bench/results/dqkwg_triton_h100/)."""
+    why = miscompiled_on((9, 0), "3.6.0", block_k=32, num_warps=4)
+    assert why and "BK=32 with 4 warps" in why and "Triton 3.6.0" in why
+    assert miscompiled_on((9, 0), "3.7.1", 32, 4)
+    assert miscompiled_on((9, 0), "3.6.0", 32, 8) is None  # 8 warps were right at both shapes
+    assert miscompiled_on((9, 0), "3.6.0", 64, 4) is None
+    assert miscompiled_on((9, 0), "3.5.1", 32, 4) is None  # the public reports: clean on 3.5.1
+    assert miscompiled_on((8, 0), "3.6.0", 32, 4) is None  # Ampere: not seen
+    block_k, _, num_warps, _ = DEFAULT_CONFIG
+    assert miscompiled_on((9, 0), "3.6.0", min(block_k, 32), num_warps) is None  # the default, even on 32-wide heads
