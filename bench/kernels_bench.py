@@ -518,7 +518,7 @@ def dqkwg_worker(spec: str) -> None:
     if first:
         args = dqkwg_inputs(min(B, 8), T, H, D, seed=1)
         ref = chunk_bwd_dqkwg_torch(*(a.double() if torch.is_tensor(a) else a for a in args))
-        for config in (DEFAULT_CONFIG, (32, 32, 4, 2)):
+        for config in (DEFAULT_CONFIG, (32, 32, 8, 2)):  # 32-wide with 4 warps is refused on Hopper
             errs = [rel_err(x, r) for x, r in zip(chunk_bwd_dqkwg_triton(*args, config=config), ref)]
             print("CHECK " + json.dumps({"config": str(config), "errs": errs}), flush=True)
         del args, ref

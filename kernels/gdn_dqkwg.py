@@ -138,7 +138,7 @@ DEFAULT_CONFIG = (64, 64, 8, 2)  # (BK, BV, num_warps, num_stages), capped at th
 def miscompiled_on(capability: tuple[int, int], triton_version: str, block_k: int, num_warps: int) -> str | None:
     """Why this launch shape is known to give wrong results on this GPU and Triton, or None.
 
-    On an H100 with Triton 3.6, 32-wide K blocks with 4 warps gave dk and dg 30 % off at one shape and an illegal
+    On an H100 with Triton 3.6, 32-wide K blocks with 4 warps gave dk 30 % and dg 24 % off at one shape and an illegal
     address at another (bench/results/dqkwg_triton_h100/); 8 warps, or 64-wide K blocks, were right at both.
     Public reports place the same fault (several dots, 32-wide tiles, 4 warps, Hopper) in Triton 3.6 and 3.7.1 and
     not in 3.5.1 (triton-lang/triton #10486, #11366), so it is refused on Hopper from Triton 3.6 on."""
