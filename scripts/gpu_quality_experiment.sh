@@ -4,10 +4,10 @@
 # teacher and every hybrid. A checkpoint cannot leave the GPU machine, so every phase runs there, one
 # device call each, back to back while the machine is warm (it keeps /root/x between calls):
 #
-#   prep     carry [.whl, .device/smol.gguf.aa, .device/en-mix-train.jsonl.xz, .device/en-mix-validation.jsonl.xz]
+#   prep     carry [.whl, .device/en-mix-train.jsonl.xz, .device/en-mix-validation.jsonl.xz]
 #            (RANKINGS=bench/results/quality_h100 reuses committed rankings instead of the score phase)
-#   ab       carry [.device/smol.gguf.ab]   the GGUF's second piece (the tree, .whl and both later pieces exceed
-#            one call's 64 MiB since 2026-12-07)
+#   ab       carry [.device/smol.gguf.aa], then again with [.device/smol.gguf.ab]: the GGUF's first two pieces, one
+#            per call (with the tree, .whl and the data, two 40 MB pieces exceed one call's 64 MiB)
 #   align    carry [.whl, .device/smol.gguf.ac]   joins the GGUF; Stage 1; kl-restore and reach rankings
 #   score    carry [.whl]       GA-S2, GA-S1, ablation, retrieval-head and reach rankings (align and score also
 #                               write ga-s2+reach from the GA-S2 and reach rankings: HYBRIDS="ga-s2+reach")
@@ -75,7 +75,7 @@ DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-$X/out}
 PIECE=16000000              # bytes: files that come back from the device may not exceed 16 MiB each
 case $PHASE in
-  ab) mkdir -p "$X" && cp .device/smol.gguf.ab "$X/" && ls -la "$X"; exit $? ;;
+  ab) mkdir -p "$X" && cp .device/smol.gguf.a[ab] "$X/" && ls -la "$X"; exit $? ;;  # whichever pieces were carried
   keep)  # KEEP=NAME PART=i: pieces 4i .. 4i+3 of $X/NAME (tar, split) to $OUT
     name=${KEEP:?KEEP=NAME of a directory under $X}; dir=$X/keep/$name
     if [[ ! -f $dir/$name.sha256 ]]; then
@@ -153,7 +153,8 @@ k_of() { python3 -c "import sys; from distill.placement import k_from_ratio; pri
 
 case $PHASE in
   prep)
-    cp .device/smol.gguf.aa .device/en-mix-train.jsonl.xz .device/en-mix-validation.jsonl.xz "$X/"
+    cp .device/en-mix-train.jsonl.xz .device/en-mix-validation.jsonl.xz "$X/" || exit 1
+    cp .device/smol.gguf.aa "$X/" 2>/dev/null || echo "smol.gguf.aa not carried: carry it to an ab call"
     # RANKINGS=DIR reuses the rankings an earlier run committed (DIR/ranking-NAME.json), e.g. for more seeds
     for r in ${RANKINGS:+$RANKINGS/ranking-*.json}; do
       n=${r##*/ranking-}; n=${n%.json}; mkdir -p "$X/rank-$n" && cp "$r" "$X/rank-$n/ranking.json"
