@@ -104,11 +104,12 @@ def _paper() -> Preset:
 PRESETS = {"demo": _demo, "small": _small, "paper": _paper}
 
 # Training tokens/s measured for SmolLM2-135M at 8 x 2048 tokens per micro-batch on one GPU's defaults: the
-# fla-torch-dqkwg GDN path, Stage 1 stacked, compiled, each step replayed from a CUDA graph
-# (bench/results/train_throughput.md, 2026-12-06, one H100; an H200 ran 1.13x / 1.10x / 1.10x faster). GA-S2
+# fla-triton-dqkwg GDN path, Stage 1 stacked, compiled, each step replayed from a CUDA graph
+# (bench/results/train_throughput.md, 2026-12-07, one H100, Triton 3.6; with fla-torch-dqkwg, where our kernel
+# is not used, the same run gave 142.5K / 94.5K). GA-S2
 # candidates are Stage-2 runs (their first steps run eager and compile, so short candidates run slower than
 # this); Stage 3 is plain fine-tuning.
-MEASURED_TOK_S = {"stage1": 142_581.0, "stage2": 94_898.0, "stage3": 133_487.0}
+MEASURED_TOK_S = {"stage1": 162_727.0, "stage2": 101_064.0, "stage3": 132_966.0}
 MEASURED_ON = "one H100, SmolLM2-135M, 8 x 2048 tokens per micro-batch, bench/results/train_throughput.md"
 
 

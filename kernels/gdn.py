@@ -38,6 +38,7 @@ __all__ = [
     "GDN_BACKENDS",
     "GDN_DECODE_STEPS",
     "resolve_gdn_backend",
+    "auto_cuda_backend",
     "describe_gdn_backend",
 ]
 
@@ -61,16 +62,31 @@ def fla_available() -> bool:
     return True
 
 
-@functools.cache
-def _fla_backward_blocked() -> bool:
+def fla_backward_blocked(capability: tuple[int, int], triton_version: str) -> bool:
     """fla 0.6.0 refuses (raises in) its gated chunk_bwd_dqkwg on Hopper with 3.4 <= Triton < 3.7.1:
     Triton miscompiles it there (fla #640). Its other kernels run; see kernels/gdn_fla.py."""
-    import triton
     from packaging.version import Version
 
-    triton_version = Version(triton.__version__)
-    hopper = torch.cuda.get_device_capability()[0] == 9
-    return hopper and Version("3.4.0") <= triton_version < Version("3.7.1")
+    return capability[0] == 9 and Version("3.4.0") <= Version(triton_version) < Version("3.7.1")
+
+
+TRITON_DQKWG_CHECKED = ("3.6.0", "3.7.0")
+"""Triton versions [from, to) where our chunk_bwd_dqkwg kernel was checked on Hopper, whole GDN path against
+float64 in both head layouts and a training step timed (bench/results/dqkwg_triton_h100/)."""
+
+
+def auto_cuda_backend(capability: tuple[int, int], triton_version: str) -> str:
+    """auto's path for 16-bit inputs on a CUDA device of `capability` with fla installed.
+
+    fla's own kernels where fla trusts its backward; where it does not (Hopper, Triton < 3.7.1), our Triton
+    chunk_bwd_dqkwg on the Triton versions it was checked on, else that kernel in torch (slower, right anywhere).
+    """
+    from packaging.version import Version
+
+    if not fla_backward_blocked(capability, triton_version):
+        return "fla"
+    checked_from, checked_to = map(Version, TRITON_DQKWG_CHECKED)
+    return "fla-triton-dqkwg" if checked_from <= Version(triton_version) < checked_to else "fla-torch-dqkwg"
 
 
 GDN_BACKENDS = ("auto", "torch", "fla", "fla-torch-dqkwg", "fla-torch-dqkwg-wy", "fla-triton-dqkwg")
@@ -81,9 +97,9 @@ GDN_BACKENDS = ("auto", "torch", "fla", "fla-torch-dqkwg", "fla-torch-dqkwg-wy",
                       < 3.7.1 (chunk_bwd_dqkwg) computed in torch (kernels/gdn_fla.py)
 - fla-torch-dqkwg-wy: the same, and prepare_wy_repr_bwd in torch as well
 - fla-triton-dqkwg:   fla's Triton kernels, with chunk_bwd_dqkwg by our Triton kernel that transposes no
-                      tile in registers (kernels/gdn_dqkwg.py); right on an H100 with Triton 3.6 and 10x
-                      faster than the torch form alone (bench/results/dqkwg_triton_h100/), explicit only
-                      until a training step is measured faster with it
+                      tile in registers (kernels/gdn_dqkwg.py); right on an H100 with Triton 3.6 in both
+                      head layouts, and a training step 1.14x (Stage 1) / 1.07x (Stage 2) faster than with
+                      fla-torch-dqkwg (bench/results/dqkwg_triton_h100/)
 - auto:               see `resolve_gdn_backend`"""
 
 
@@ -92,7 +108,7 @@ def resolve_gdn_backend(backend: str, device: torch.device, dtype: torch.dtype) 
 
     auto: torch off CUDA, without fla, or for float32 inputs (fla's tl.dot runs float32 operands as
     TF32, ~1e-3 relative error, while a float32 caller — a numerics check, a parity test — expects
-    float32 arithmetic); on CUDA in 16-bit, fla where its backward is trusted, else fla-torch-dqkwg.
+    float32 arithmetic); on CUDA in 16-bit, `auto_cuda_backend`'s choice for the device and Triton.
     """
     if backend not in GDN_BACKENDS:
         raise ValueError(f"GDN backend must be one of {GDN_BACKENDS}, got {backend!r}")
@@ -102,7 +118,9 @@ def resolve_gdn_backend(backend: str, device: torch.device, dtype: torch.dtype) 
         return backend
     if device.type != "cuda" or not fla_available() or dtype == torch.float32:
         return "torch"
-    return "fla-torch-dqkwg" if _fla_backward_blocked() else "fla"
+    import triton
+
+    return auto_cuda_backend(torch.cuda.get_device_capability(device), triton.__version__)
 
 
 def _fla_version() -> str:

@@ -4,14 +4,15 @@
 #   0. the kernel alone (bench/kernels_bench.py --sections dqkwg): its errors against the float64 torch form on
 #      bf16 inputs, and its time per launch config (BK, BV, warps, stages) against the torch form, at a stacked
 #      SmolLM2 Stage-1 micro-batch and at the 1.5B shape;
-#   1. correctness: outputs and every gradient of `fla-triton-dqkwg` and of today's default `fla-torch-dqkwg`
+#   1. correctness: outputs and every gradient of `fla-triton-dqkwg` and of the torch form `fla-torch-dqkwg`
 #      against the float64 recurrence, both head layouts (SmolLM2 9 x 64, Qwen2.5-1.5B 12 x 128), T = 1 ... 2048
 #      and padded batches (LENGTHS= adds 8192), each layout under its own limit;
 #   2. speed: SmolLM2 shape at 8 x 2048, Stage 1 and Stage 2 with every switch on (stack + compile + CUDA graph),
 #      the two GDN paths side by side in one process, with plain fine-tuning of the teacher as the baseline.
 # The CPU suite checks the kernel in float32 under TRITON_INTERPRET=1 (tests/test_gdn_dqkwg.py); the interpreter
-# cannot run bf16 dots, so step 1 is the first check of the bf16 kernel. It becomes `auto`'s choice on Hopper
-# with Triton < 3.7.1 (kernels.gdn.resolve_gdn_backend) only if every row of step 1 passes and step 2 is faster.
+# cannot run bf16 dots, so step 1 is the first check of the bf16 kernel. Every row of step 1 passed and step 2
+# was faster on an H100 with Triton 3.6 (2026-12-07, bench/results/dqkwg_triton_h100/), so `auto` picks it there
+# (kernels.gdn.auto_cuda_backend): run all three again before adding a Triton version to TRITON_DQKWG_CHECKED.
 # On an H100 (twentieth session) the kernel part took ~110 s and the check ~170 s for the SmolLM2 layout (the
 # 1.5B layout is slower), the speed part takes up to 280 s: run them as three calls on the warm machine,
 # PARTS=kernel, PARTS=check (LAYOUTS= picks layouts, each under CHECK_LIMIT) and PARTS=speed.

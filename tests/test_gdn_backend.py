@@ -5,13 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.gdn import GDN_BACKENDS, chunk_gated_delta_rule, resolve_gdn_backend, torch_chunk_gated_delta_rule
+from kernels.gdn import (GDN_BACKENDS, auto_cuda_backend, chunk_gated_delta_rule, resolve_gdn_backend,
+                         torch_chunk_gated_delta_rule)
 
 
 def test_auto_is_torch_on_cpu_and_for_float32():
     assert resolve_gdn_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"
     assert resolve_gdn_backend("auto", torch.device("cpu"), torch.float32) == "torch"
     assert resolve_gdn_backend("torch", torch.device("cpu"), torch.float32) == "torch"
+
+
+@pytest.mark.parametrize("capability, triton_version, expected", [
+    ((9, 0), "3.6.0", "fla-triton-dqkwg"),  # fla refuses its backward; our kernel was checked here
+    ((9, 0), "3.6.1", "fla-triton-dqkwg"),
+    ((9, 0), "3.5.1", "fla-torch-dqkwg"),   # refused by fla, our kernel never checked on this Triton
+    ((9, 0), "3.7.0", "fla-torch-dqkwg"),
+    ((9, 0), "3.7.1", "fla"),               # fla's Hopper guard lifts
+    ((9, 0), "3.3.1", "fla"),
+    ((8, 0), "3.6.0", "fla"),               # not Hopper
+    ((10, 0), "3.6.0", "fla"),
+])
+def test_auto_on_cuda_never_picks_a_refused_or_unchecked_kernel(capability, triton_version, expected):
+    assert auto_cuda_backend(capability, triton_version) == expected
 
 
 def test_fla_backends_refused_without_cuda():
