@@ -53,3 +53,20 @@ def test_the_seed_of_a_tagged_run_is_found_before_its_tag(tmp_path):
     numbers = json.loads(out.with_suffix(".json").read_text())
     assert set(numbers) == {"teacher", "ga-s2-k2-4k-lr2"}  # the -s2 of the selector's name is not a seed
     assert numbers["ga-s2-k2-4k-lr2"]["seeds"] == ["0", "1"]
+
+
+def test_heldout_numbers_of_different_texts_are_never_averaged(tmp_path):
+    run_results(tmp_path / "a.json", 0, kl=0.10, exact=0.70)
+    run_results(tmp_path / "b.json", 1, kl=0.14, exact=0.90)
+    later = EvalReport.load(tmp_path / "b.json")  # the same hybrid scored on another held-out text
+    later.models[0].heldout = HeldoutScore(0.0, 30.0, 4096, 1024)
+    later.save(tmp_path / "b.json")
+    out = tmp_path / "seeds.md"
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)]) == 0
+    numbers = json.loads(out.with_suffix(".json").read_text())["ga-s2-k2"]
+    assert "kl" not in numbers
+    assert numbers["kl on A"]["values"] == [0.10] and numbers["kl on B"]["values"] == [0.14]
+    assert numbers["passkey@512"]["values"] == [0.70, 0.90]  # recall prompts do not come from the held-out text
+    table = out.read_text()
+    assert "| ga-s2-k2 | 1,5 | 0,1 | 0.1000 on A<br>0.1400 on B |" in table
+    assert "- A: the teacher's perplexity 20.00" in table and "- B: the teacher's perplexity 30.00" in table
