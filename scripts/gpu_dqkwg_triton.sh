@@ -6,7 +6,8 @@
 #      SmolLM2 Stage-1 micro-batch and at the 1.5B shape;
 #   1. correctness: outputs and every gradient of `fla-triton-dqkwg` and of the torch form `fla-torch-dqkwg`
 #      against the float64 recurrence, both head layouts (SmolLM2 9 x 64, Qwen2.5-1.5B 12 x 128), T = 1 ... 2048
-#      and padded batches (LENGTHS= adds 8192), each layout under its own limit;
+#      and padded batches (LENGTHS= and PADDED= choose them, e.g. LENGTHS="4096 8192" PADDED=8192 for the 8K
+#      rows still to run), each layout under its own limit;
 #   2. speed: SmolLM2 shape at 8 x 2048, Stage 1 and Stage 2 with every switch on (stack + compile + CUDA graph),
 #      the two GDN paths side by side in one process, with plain fine-tuning of the teacher as the baseline.
 # The CPU suite checks the kernel in float32 under TRITON_INTERPRET=1 (tests/test_gdn_dqkwg.py); the interpreter
@@ -27,7 +28,7 @@ part kernel && timeout "${KERNEL_LIMIT:-150}" python3 bench/kernels_bench.py "$O
 for layout in ${LAYOUTS:-smollm2 qwen2.5-1.5b}; do  # one limit each: the SmolLM2 layout alone took ~170 s
   part check && timeout "${CHECK_LIMIT:-240}" python3 bench/gdn_correctness.py \
     --backends fla-triton-dqkwg fla-torch-dqkwg --layouts "$layout" \
-    --skip-side-checks --skip-speed --lengths ${LENGTHS:-1 63 64 100 1000 2048} --padded-lengths 100 2048 \
+    --skip-side-checks --skip-speed --lengths ${LENGTHS:-1 63 64 100 1000 2048} --padded-lengths ${PADDED:-100 2048} \
     --out-dir "$OUT/dqkwg_correctness_$layout" 2>&1 | quiet | tail -30
 done
 part speed && timeout "${SPEED_LIMIT:-280}" python3 bench/train_throughput.py --shape smollm2-135m --seq 2048 \
