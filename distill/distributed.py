@@ -45,8 +45,14 @@ class ParallelConfig:
     cuda_graph: str = "auto"  # replay each optimiser step from a CUDA graph (distill.cuda_graph); one CUDA process
     stack_mixers: str = "auto"  # Stage 1 runs every mixer in one batched computation (distill.stages.stacks_mixers);
     # one process without activation checkpointing only; slower on a CPU
+    gdn_backend: str = "auto"  # the GDN chunk path of training (kernels.gdn.GDN_BACKENDS); auto picks per device
+    # and Triton version (kernels.gdn.resolve_gdn_backend), e.g. fla-torch-dqkwg keeps our Triton backward kernel out
 
     def __post_init__(self):
+        from kernels.gdn import GDN_BACKENDS
+
+        if self.gdn_backend not in GDN_BACKENDS:
+            raise UserError(f"parallel.gdn_backend must be one of {', '.join(GDN_BACKENDS)}, got {self.gdn_backend!r}")
         for name in ("compile", "cuda_graph", "stack_mixers"):
             raw = getattr(self, name)
             value = _SWITCH_SYNONYMS.get(str(raw).lower(), str(raw).lower())

@@ -39,6 +39,7 @@ from distill.errors import UserError
 from distill.evaluate import EvalSet, heldout_kl
 from distill.model.checkpoint import save_hybrid
 from distill.model.config import LINEAR_ATTENTION
+from distill.model.gdn_mixer import set_gdn_backend
 from distill.model.modeling import HybridForCausalLM
 from distill.model.teacher import load_teacher
 from distill.model.transfer import hybrid_from_teacher, restore_softmax
@@ -77,7 +78,9 @@ def is_done(model_dir: Path) -> bool:
 def load_hybrid(path: Path, runtime: Runtime) -> HybridForCausalLM:
     if not is_done(path):
         raise UserError(f"{path} is not a hybrid checkpoint (no config.json)")
-    return HybridForCausalLM.from_pretrained(path, dtype=torch.float32).to(runtime.device).eval()
+    model = HybridForCausalLM.from_pretrained(path, dtype=torch.float32).to(runtime.device).eval()
+    set_gdn_backend(model, runtime.parallel.gdn_backend)
+    return model
 
 
 @dataclass(frozen=True)
@@ -239,7 +242,11 @@ def log_gdn_path(runtime: Runtime) -> str:
     rest of the step runs."""
     from kernels.gdn import describe_gdn_backend, resolve_gdn_backend
 
-    path = describe_gdn_backend(resolve_gdn_backend("auto", runtime.device, runtime.amp_dtype or torch.float32))
+    try:
+        resolved = resolve_gdn_backend(runtime.parallel.gdn_backend, runtime.device, runtime.amp_dtype or torch.float32)
+    except RuntimeError as error:  # an fla path asked for without CUDA or fla
+        raise UserError(f"parallel.gdn_backend={runtime.parallel.gdn_backend}: {error}") from None
+    path = describe_gdn_backend(resolved)
     log.info("GDN chunk path (training and prefill): %s", path)
     for what, how in describe_training_step(runtime).items():
         log.info("%s: %s", what, how)

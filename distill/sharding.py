@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from distill.distributed import Runtime
 from distill.model.compiled import set_compiled
+from distill.model.gdn_mixer import set_gdn_backend
 from distill.train_state import CHECKPOINT, load_sharded, load_single, save_checkpoint, save_sharded, sharded_meta
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class WholeModel:
         self.module, self.loss_fn, self.runtime = model, loss_fn, runtime
         self.close = checkpoint_activations(units if runtime.parallel.activation_checkpointing else [])
         set_compiled(model, runtime.uses("compile"))
+        set_gdn_backend(model, runtime.parallel.gdn_backend)
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
         return self.loss_fn(self.module, batch)
@@ -128,6 +130,7 @@ class ShardedModel:
         shard = functools.partial(fully_shard, mesh=mesh, mp_policy=mixed_precision(runtime), ignored_params=frozen)
         copied_units = [copies[module_names[id(unit)]] for unit in units]
         set_compiled(self.module.model, runtime.uses("compile"))
+        set_gdn_backend(self.module.model, runtime.parallel.gdn_backend)
         if runtime.parallel.activation_checkpointing:
             checkpoint_activations(copied_units)  # for the copy's lifetime: nothing else runs it
         for unit in copied_units:

@@ -62,3 +62,35 @@ def test_set_gdn_backend_reaches_every_mixer():
     assert count == len(mixers) > 0 and all(m.gdn_backend == "torch" for m in mixers)
     with pytest.raises(ValueError):
         set_gdn_backend(model, "nope")
+
+
+def test_parallel_gdn_backend_reaches_every_trained_mixer_and_bad_values_are_refused():
+    from distill.distributed import ParallelConfig, Runtime
+    from distill.errors import UserError
+    from distill.model.config import LINEAR_ATTENTION
+    from distill.model.gdn_mixer import GatedDeltaNet
+    from distill.model.transfer import hybrid_from_teacher
+    from distill.pipeline import log_gdn_path
+    from distill.presets import get_preset
+    from distill.sharding import WholeModel
+    from tests.tiny_models import make_teacher
+
+    teacher, _ = make_teacher()
+    model = hybrid_from_teacher(teacher, [LINEAR_ATTENTION] * teacher.config.num_hidden_layers)
+    runtime = Runtime(parallel=get_preset("demo", ["parallel.gdn_backend=torch"]).parallel)
+    WholeModel(model, lambda m, batch: (None, {}), [], runtime)
+    assert {m.gdn_backend for m in model.modules() if isinstance(m, GatedDeltaNet)} == {"torch"}
+    assert "torch: pure-torch" in log_gdn_path(runtime)
+
+    with pytest.raises(UserError, match="parallel.gdn_backend must be one of"):
+        ParallelConfig(gdn_backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_an_fla_gdn_backend_without_cuda_is_a_clear_error_before_training():
+    from distill.distributed import ParallelConfig, Runtime
+    from distill.errors import UserError
+    from distill.pipeline import log_gdn_path
+
+    with pytest.raises(UserError, match="parallel.gdn_backend=fla-triton-dqkwg: .*needs CUDA"):
+        log_gdn_path(Runtime(parallel=ParallelConfig(gdn_backend="fla-triton-dqkwg")))
