@@ -51,6 +51,9 @@
 # align's LIMIT=330 on 2026-12-07), `align` writes rank-ga-s2+reach from it and GA-S2's, then HYBRIDS="ga-s2+reach"
 # TAG=4k-lr2 on the 4K settings trains 1, 2, 5, 7, 8, 17, 18, 20. Seeds 0 and 1 of it and of ga-s2 ran
 # (ga_s2_reach/, ga_s2_reach_seed1/, ga_s2_seed1/); seed 2 of both is still to run.
+# The ablation probe's eight (0, 1, 16, 18, 19, 20, 23, 24; bench/results/quality_h100/probe_and_eighth/: passkey@2K 0.96
+# at 5.9M tokens, GA-S2 0.45-0.58) against the default at one budget: HYBRIDS="ablation ga-s2+reach" TAG=4k-lr2 on the
+# 4K settings, or both at the 5.9M recipe of probe_and_eighth/README.md.
 # The reach layers of the harder recall tasks too (reach_tasks/: on the teacher, multi-key, associative and variable
 # tracking also lean on layers 14 and 23): HYBRIDS="reach-all=1,7,8,14,17,18,20,23" TAG=4k-lr2 on the 4K settings.
 # Long-range copies in every Stage-2 sequence (distill.data.CopySpans; TAG=4k-copy, `--set
