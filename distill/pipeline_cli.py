@@ -52,8 +52,10 @@ def register(subparsers) -> None:
     p.add_argument("--selector", default=DEFAULT_SELECTOR,
                    help="ga-s2+reach (the default: the layers whose long-range attention far-needle recall needs "
                         "first, then the KL-guided GA-S2 ranking) | ga-s2 (KL-guided only) | kl-restore (GA-S2 with "
-                        "no training, cheap) | kl-restore+reach | ga-s1 | ablation | retrieval (the teacher's "
-                        "retrieval heads, no training) | reach (alone, no training) | uniform")
+                        "no training, cheap) | kl-restore+reach | ga-s1 | ablation (zero one teacher attention "
+                        "layer, score the drop on synthetic associative recall; no training) | ablation+reach "
+                        "(teacher-only as a whole) | retrieval (the teacher's retrieval heads, no training) | reach "
+                        "(alone, no training) | uniform")
     p.add_argument("--out", required=True, type=Path, help="output directory: HF checkpoint + report.md")
     p.set_defaults(func=run_convert)
 
@@ -70,8 +72,8 @@ def register(subparsers) -> None:
     _common(p)
     p.add_argument("--stage1", type=Path, help="output of `hybrid align` (needed by ga-s2, kl-restore and ga-s1)")
     p.add_argument("--selector", default=DEFAULT_SELECTOR,
-                   help="ga-s2+reach (default) | ga-s2 | kl-restore | kl-restore+reach | ga-s1 | ablation | retrieval | "
-                        "reach | uniform (see `hybrid convert --help`)")
+                   help="ga-s2+reach (default) | ga-s2 | kl-restore | kl-restore+reach | ga-s1 | ablation | "
+                        "ablation+reach | retrieval | reach | uniform (see `hybrid convert --help`)")
     p.add_argument("--k", type=int, help="highlight the top K in the plot")
     p.add_argument("--out", required=True, type=Path, help="directory for ranking.json and plots")
     p.set_defaults(func=run_score)

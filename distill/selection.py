@@ -22,10 +22,11 @@ Selectors (`hybrid score --selector ...`):
               forwards per prompt.
     uniform   no ranking: K evenly spaced layers.
 
-    A+reach   (ga-s2+reach, the default; kl-restore+reach) A's order with the layers whose `reach` score is
-              at least `score.reach_threshold` nats put first: softmax goes first to the layers far recall cannot do
-              without, then by A. KL over ordinary text hardly sees such a layer (SmolLM2's layer 7: GA-S2
-              26th of 30, yet the one GDN layer that loses the far passkey).
+    A+reach   (ga-s2+reach, the default; kl-restore+reach; ablation+reach, teacher-only as a whole) A's order
+              with the layers whose `reach` score is at least `score.reach_threshold` nats put first: softmax goes
+              first to the layers far recall cannot do without, then by A. KL over ordinary text hardly sees such a
+              layer (SmolLM2's layer 7: GA-S2 26th of 30, yet the one GDN layer that loses the far passkey); the
+              ablation probe sees 18 but not 7 (bench/results/quality_h100/probe_and_eighth/).
 
 GA-S2 costs L short Stage-2 runs. What is shared between candidates without changing any score:
   * the training batches and the teacher's final hidden states for them, computed once per process;
@@ -65,12 +66,12 @@ from distill.retrieval_heads import layer_scores, mean_mass, measure
 from distill.stages import Stage2Config, heldout_alignment, run_stage2
 
 SELECTORS = ("ga-s2", "kl-restore", "ga-s1", "ablation", "retrieval", "reach", "uniform", "ga-s2+reach",
-             "kl-restore+reach")
+             "kl-restore+reach", "ablation+reach")
 # GA-S2 alone keeps SmolLM2's generic-text KL lowest but not its far recall; with the reach layers in front, a
 # hybrid trained from Stage 1 finds passkey@4K 0.88 against 0.53 (bench/results/quality_h100/ga_s2_reach/).
 DEFAULT_SELECTOR = "ga-s2+reach"
 NEEDS_STAGE1 = ("ga-s2", "kl-restore", "ga-s1")  # selectors that score the all-linear Stage-1 model
-TEACHER_ONLY = ("ablation", "retrieval", "reach", "uniform")  # selectors that read no training text
+TEACHER_ONLY = ("ablation", "retrieval", "reach", "uniform", "ablation+reach")  # selectors that read no training text
 RANKING_FILE = "ranking.json"
 
 

@@ -10,7 +10,7 @@
 #            per call (with the tree, .whl and the data, two 40 MB pieces exceed one call's 64 MiB)
 #   align    carry [.whl, .device/smol.gguf.ac]   joins the GGUF; Stage 1; kl-restore and reach rankings
 #   score    carry [.whl]       GA-S2, GA-S1, ablation, retrieval-head and reach rankings (align and score also
-#                               write ga-s2+reach from the GA-S2 and reach rankings: HYBRIDS="ga-s2+reach")
+#                               write ga-s2+reach and ablation+reach from those and the reach ranking)
 #   distill  carry [.whl]       Stage 2 for each layer choice in $HYBRIDS (default: ga-s2 uniform); TAG names a variant
 #                               (e.g. TAG=4k EXTRA="--set stage2.train.seq_len=4096 ..." -> hybrid-ga-s2-k8-s0-4k)
 #   eval     carry [.whl]       hybrid eval: teacher + every finished hybrid; rankings and metrics to $OUT
@@ -52,8 +52,9 @@
 # TAG=4k-lr2 on the 4K settings trains 1, 2, 5, 7, 8, 17, 18, 20. Seeds 0 and 1 of it and of ga-s2 ran
 # (ga_s2_reach/, ga_s2_reach_seed1/, ga_s2_seed1/); seed 2 of both is still to run.
 # The ablation probe's eight (0, 1, 16, 18, 19, 20, 23, 24; bench/results/quality_h100/probe_and_eighth/: passkey@2K 0.96
-# at 5.9M tokens, GA-S2 0.45-0.58) against the default at one budget: HYBRIDS="ablation ga-s2+reach" TAG=4k-lr2 on the
-# 4K settings, or both at the 5.9M recipe of probe_and_eighth/README.md.
+# at 5.9M tokens, GA-S2 0.45-0.58) against the default at one budget: HYBRIDS="ablation ablation+reach ga-s2+reach"
+# TAG=4k-lr2 on the 4K settings, or the three at the 5.9M recipe of probe_and_eighth/README.md (align writes
+# rank-ablation+reach: 0, 1, 7, 16, 18, 19, 20, 23, the probe's eight with layer 7 for 24).
 # The reach layers of the harder recall tasks too (reach_tasks/: on the teacher, multi-key, associative and variable
 # tracking also lean on layers 14 and 23): HYBRIDS="reach-all=1,7,8,14,17,18,20,23" TAG=4k-lr2 on the 4K settings.
 # Long-range copies in every Stage-2 sequence (distill.data.CopySpans; TAG=4k-copy, `--set
@@ -175,7 +176,7 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla
     hybrid align --out "$X/stage1"
     rank kl-restore --stage1 "$X/stage1"
     rank reach  # the teacher alone: each layer's attention clipped to 256 tokens on far-needle passkey prompts
-    with_reach ga-s2
+    with_reach ga-s2; with_reach ablation
     ;;
   score)
     rank ga-s2 --stage1 "$X/stage1"
@@ -183,7 +184,7 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla
     rank ablation
     rank retrieval
     rank reach
-    with_reach ga-s2
+    with_reach ga-s2; with_reach ablation
     for r in "$X"/rank-*/ranking.json; do n=${r%/ranking.json}; cp "$r" "$OUT/ranking-${n##*/rank-}.json"; done
     cp "$X"/rank-reach/layer_scores.png "$OUT/ranking-reach.png" 2>/dev/null
     ;;

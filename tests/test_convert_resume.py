@@ -260,3 +260,15 @@ def test_stage_subcommands_chain(env, tmp_path, monkeypatch, capsys):
     both = json.loads((tmp_path / "both" / "ranking.json").read_text())
     assert both["selector"] == "kl-restore+reach" and both["order"] == both["details"]["kept_for_reach"] == reach["order"]
     assert main(["score", *common, "--selector", "ga-s2+reach", "--out", str(tmp_path / "y")]) == 2  # needs --stage1
+    # the ablation probe with the reach layers in front reads only the teacher: no --stage1; a threshold at reach's
+    # top score keeps that one layer in front of the probe's own order
+    top = reach["order"][0]
+    assert main(["score", *common, "--selector", "ablation+reach", "--set", "score.retrieval_context=128",
+                 "--set", "score.reach_window=16", "--set", "score.recall_samples=2",
+                 "--set", f"score.reach_threshold={reach['scores'][str(top)]}", "--out", str(tmp_path / "probe")]) == 0
+    assert main(["score", *common, "--selector", "ablation", "--set", "score.recall_samples=2",
+                 "--out", str(tmp_path / "ablation")]) == 0
+    probe = json.loads((tmp_path / "probe" / "ranking.json").read_text())
+    ablation = json.loads((tmp_path / "ablation" / "ranking.json").read_text())
+    assert probe["selector"] == "ablation+reach" and probe["details"]["kept_for_reach"] == [top]
+    assert probe["order"] == [top] + [layer for layer in ablation["order"] if layer != top]
