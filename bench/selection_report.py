@@ -1,11 +1,15 @@
 """Selectors side by side: what each ranking keeps, how far it agrees with GA-S2, what it cost, and how
 good the hybrid it picks is.
 
-    python -m bench.selection_report bench/results/quality_h100 --k 8
+    python -m bench.selection_report bench/results/quality_h100 --k 8 \\
+        --results results.json probe_and_eighth/results.json
 
 Reads, from the folder `scripts/gpu_quality_experiment.sh eval` fills: `ranking-SELECTOR.json` (from
 `hybrid score`), `metrics-rank-SELECTOR.json` (the selection's wall time), `results.json` (`hybrid eval`
-of the hybrids named `SELECTOR-kK-sSEED`). Writes `selection.md` and `selection.png` there.
+of the hybrids named `SELECTOR-kK-sSEED`; --results names more files, relative to the folder, and the first
+file holding a selector's hybrid gives its row). Held-out KL compares only on one text: a hybrid scored on
+another text than the first file's says so, with the teacher's perplexity there. Writes `selection.md` and
+`selection.png` in the folder.
 """
 
 from __future__ import annotations
@@ -42,15 +46,30 @@ def selection_cost(folder: Path, ranking: Ranking) -> tuple[int, float | None]:
     return tokens, next(iter(seconds.values()), None)
 
 
-def hybrid_rows(folder: Path, k: int) -> dict[str, dict]:
-    """The evaluated hybrid of each selector at this K (first seed), keyed by selector."""
-    results = json.loads((folder / "results.json").read_text())
-    rows = {}
-    for model in results["models"]:
-        selector, _, tail = model["name"].rpartition(f"-k{k}-")
-        if selector and tail.startswith("s") and selector not in rows:
-            rows[selector] = model
+def teacher_perplexity(results: dict) -> float | None:
+    teacher = next((m for m in results["models"] if m["name"] == "teacher"), None)
+    return teacher["heldout"].get("perplexity") if teacher and teacher.get("heldout") else None
+
+
+def hybrid_rows(folder: Path, k: int, files: list[str]) -> dict[str, dict]:
+    """The evaluated hybrid of each selector at this K (the first file's, first seed), keyed by selector; a
+    hybrid from a file scored on another held-out text carries that text's teacher perplexity as `other_text`."""
+    rows, first_text = {}, None
+    for i, file in enumerate(files):
+        results = json.loads((folder / file).read_text())
+        text = teacher_perplexity(results)
+        first_text = text if i == 0 else first_text
+        for model in results["models"]:
+            selector, _, tail = model["name"].rpartition(f"-k{k}-")
+            if selector and tail.startswith("s") and selector not in rows:
+                other = text is not None and first_text is not None and round(text, 2) != round(first_text, 2)
+                rows[selector] = {**model, "other_text": text if other else None}
     return rows
+
+
+def heldout_kl(model: dict) -> str:
+    kl = f"{model['heldout']['kl']:.4f}"
+    return kl if model["other_text"] is None else f"{kl} on another text (teacher perplexity {model['other_text']:.2f})"
 
 
 def passkey(model: dict, context: int) -> str:
@@ -58,9 +77,9 @@ def passkey(model: dict, context: int) -> str:
     return f"{cell['exact']:.2f} ({cell['delta']:+.1f})" if cell else "—"
 
 
-def render(folder: Path, k: int) -> str:
+def render(folder: Path, k: int, files: list[str]) -> str:
     rankings = load_rankings(folder)
-    hybrids = hybrid_rows(folder, k)
+    hybrids = hybrid_rows(folder, k, files)
     contexts = sorted({r["context"] for m in hybrids.values() for r in m["recall"] if r["task"] == "passkey"})
     head = ["selector", f"softmax layers (K={k})", f"Spearman vs {REFERENCE}", f"Jaccard@{k} vs {REFERENCE}",
             "training tokens", "GPU-seconds", "hybrid held-out KL", *[f"passkey@{c}" for c in contexts]]
@@ -73,7 +92,7 @@ def render(folder: Path, k: int) -> str:
         lines.append("| " + " | ".join([
             name, ",".join(map(str, ranking.choose(k))), spearman, f"{agree['jaccard_top_k']:.2f}",
             f"{tokens:,}", "—" if seconds is None else f"{seconds:.0f}",
-            f"{model['heldout']['kl']:.4f}" if model else "not trained",
+            heldout_kl(model) if model else "not trained",
             *[passkey(model, c) if model else "—" for c in contexts],
         ]) + " |")
     return "\n".join(lines) + "\n"
@@ -115,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--k", type=int, default=8, help="softmax layers kept (default 8 = 1/4 of 30)")
+    parser.add_argument("--results", nargs="+", default=["results.json"],
+                        help="`hybrid eval` JSON files, relative to the folder, the first one first "
+                             "(default results.json)")
     args = parser.parse_args(argv)
-    table = render(args.folder, args.k)
+    table = render(args.folder, args.k, args.results)
     (args.folder / "selection.md").write_text(table)
     print(table)
     print(plot(args.folder, args.k))

@@ -31,3 +31,20 @@ def test_selector_table_compares_with_ga_s2_and_reads_costs(tmp_path):
     assert "| 0,2 | 0.94 | 0.33 | 0 | — | not trained | — |" in rows["kl-restore"]
     assert "| 0.2000 | 0.30 (+3.0) |" in rows["uniform"]
     assert (tmp_path / "selection.png").stat().st_size > 0
+
+
+def test_more_results_files_fill_the_rows_the_first_lacks_and_say_when_the_text_differs(tmp_path):
+    ga_s2 = ranking_from_scores("ga-s2", {i: float(i) for i in range(6)}, True, "kl")
+    probe = ranking_from_scores("ablation", {i: float(-i) for i in range(6)}, False, "recall drop")
+    ga_s2.save(tmp_path / "ranking-ga-s2.json")
+    probe.save(tmp_path / "ranking-ablation.json")
+    teacher = {"name": "teacher", "heldout": {"kl": 0.0, "perplexity": 26.16}, "recall": []}
+    (tmp_path / "results.json").write_text(json.dumps({"models": [teacher, _model("ga-s2-k2-s0", 0.14, 0.9)]}))
+    (tmp_path / "more").mkdir()
+    other_text = {**teacher, "heldout": {"kl": 0.0, "perplexity": 21.88}}
+    (tmp_path / "more" / "results.json").write_text(json.dumps({"models": [
+        other_text, _model("ga-s2-k2-s2", 0.13, 0.5), _model("ablation-k2-s2", 0.16, 1.0)]}))
+    assert main([str(tmp_path), "--k", "2", "--results", "results.json", "more/results.json"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "selection.md").read_text().splitlines()[2:]}
+    assert "| 0.1400 | 0.90 (+9.0) |" in rows["ga-s2"]  # the first file's
+    assert "| 0.1600 on another text (teacher perplexity 21.88) | 1.00 (+10.0) |" in rows["ablation"]
