@@ -9,7 +9,9 @@ Selectors (`hybrid score --selector ...`):
               forward over the held-out blocks are shared; candidate l runs only layers l..L-1.
     ga-s1     the per-layer held-out Stage-1 alignment loss (higher = harder to linearise = matters more).
     ablation  zero one teacher attention layer and measure the accuracy drop on synthetic associative
-              recall (bigger drop = matters more; ties broken by the drop in the answers' log-probability).
+              recall (bigger drop = matters more; ties broken by the drop in the answers' log-probability);
+              `score.ablation_task=passkey` (or another recall task) scores the answer log-probability lost
+              on that task's prompts instead (nats; ties: the exact-match drop).
     retrieval the teacher's retrieval heads: on passkey prompts, the attention its heads put on the needle
               from the position that predicts the answer (`distill.retrieval_heads`); a layer scores its
               strongest head's mean needle mass (higher = matters more). No training, one teacher forward
@@ -161,6 +163,8 @@ class ScoreConfig:
     eval_blocks: int = 0  # candidates are scored on the first N held-out blocks (0: all of them)
     recall_samples: int = 32  # ablation and retrieval selectors: synthetic recall prompts
     recall_pairs: int = 16  # ablation: key/value pairs per prompt
+    ablation_task: str = "pairs"  # ablation: "pairs" (recall_pairs key/value pairs, accuracy drop) or a recall task
+    # of distill.recall_tasks.RECALL_KINDS at retrieval_context tokens (answer log-prob drop)
     retrieval_context: int = 4096  # retrieval and reach: tokens per passkey prompt (at most the teacher's context)
     reach_window: int = 256  # reach: the clipped layer sees this many tokens back (at most a quarter of the prompt)
     reach_task: str = "passkey"  # reach: the recall task of its prompts (distill.recall_tasks.RECALL_KINDS)
@@ -411,21 +415,31 @@ def recall_accuracy(model: nn.Module, ids, positions, answers, runtime: Runtime,
     return correct / n, logprob / n
 
 
+@contextmanager
+def zeroed_attention(model: nn.Module, layer: int) -> Iterator[None]:
+    """Run `model` with the output of `layer`'s attention replaced by zeros."""
+
+    def zero(module, args, output):
+        return (torch.zeros_like(output[0]),) + tuple(output[1:])
+
+    handle = model.model.layers[layer].self_attn.register_forward_hook(zero)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def score_ablation(teacher: nn.Module, tokenizer, cfg: ScoreConfig, work_dir: Path, runtime: Runtime) -> Ranking:
     """Zero each teacher attention layer in turn; importance = drop in recall accuracy."""
+    if cfg.ablation_task != "pairs":
+        return score_task_ablation(teacher, tokenizer, cfg, work_dir, runtime)
     ids, positions, answers = recall_task(recall_vocabulary(tokenizer), cfg.recall_samples, cfg.recall_pairs)
     base_acc, base_lp = recall_accuracy(teacher, ids, positions, answers, runtime)
     layers = list(range(teacher.config.num_hidden_layers))
 
     def ablate(layer: int) -> dict:
-        def zero(module, args, output):
-            return (torch.zeros_like(output[0]),) + tuple(output[1:])
-
-        handle = teacher.model.layers[layer].self_attn.register_forward_hook(zero)
-        try:
+        with zeroed_attention(teacher, layer):
             acc, lp = recall_accuracy(teacher, ids, positions, answers, runtime)
-        finally:
-            handle.remove()
         return {"layer": layer, "accuracy": acc, "logprob": lp}
 
     results = spread_layers(layers, Path(work_dir) / "ablation", runtime, ablate, desc="ablation selector")
@@ -555,6 +569,38 @@ def score_reach(teacher: nn.Module, tokenizer, cfg: ScoreConfig, work_dir: Path,
         details={"task": cfg.reach_task, "context": context, "window": cfg.reach_window, "samples": len(samples),
                  "teacher_logprob": base_logprob, "teacher_exact": base_exact,
                  "exact_clipped": {str(layer): r["exact"] for layer, r in results.items()}},
+    )
+
+
+def score_task_ablation(teacher: nn.Module, tokenizer, cfg: ScoreConfig, work_dir: Path, runtime: Runtime) -> Ranking:
+    """The ablation selector on `score.ablation_task`'s prompts: importance = answer log-prob lost (nats) when the
+    layer's attention is zeroed; ties broken by the exact-match drop."""
+    if cfg.ablation_task not in RECALL_KINDS:
+        raise UserError(f"score.ablation_task={cfg.ablation_task!r}: expected pairs or one of "
+                        f"{', '.join(RECALL_KINDS)}")
+    context = prompt_length(teacher, cfg)
+    try:
+        samples = build_recall_task(RecallTaskSpec(cfg.ablation_task, context, cfg.recall_samples), tokenizer)
+    except UserError as err:
+        raise UserError(f"score.retrieval_context={cfg.retrieval_context}: {err}") from None
+    batch = max(1, cfg.eval_batch // 2)
+    base_logprob, base_exact = _answer_scores(teacher, samples, batch, runtime)
+
+    def ablate(layer: int) -> dict:
+        with zeroed_attention(teacher, layer):
+            logprob, exact = _answer_scores(teacher, samples, batch, runtime)
+        return {"layer": layer, "logprob": logprob, "exact": exact}
+
+    layers = list(range(teacher.config.num_hidden_layers))
+    results = spread_layers(layers, Path(work_dir) / f"ablation-{cfg.ablation_task}-{context}", runtime, ablate,
+                            desc=f"ablation selector ({cfg.ablation_task})")
+    return ranking_from_scores(
+        "ablation", {layer: base_logprob - r["logprob"] for layer, r in results.items()}, lower_is_more_important=False,
+        tiebreak={layer: base_exact - r["exact"] for layer, r in results.items()},
+        metric=f"{cfg.ablation_task} answer log-prob lost when the layer's attention is zeroed (nats)",
+        details={"task": cfg.ablation_task, "context": context, "samples": len(samples),
+                 "teacher_logprob": base_logprob, "teacher_exact": base_exact,
+                 "exact_ablated": {str(layer): r["exact"] for layer, r in results.items()}},
     )
 
 

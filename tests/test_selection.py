@@ -189,6 +189,21 @@ def test_ablation_ranks_every_layer(setup, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
 
 
+def test_ablation_on_a_recall_task_scores_the_answers_lost_log_probability(setup, tmp_path):
+    teacher, tok, _, _ = setup
+    before = copy.deepcopy(teacher.state_dict())
+    cfg = replace(score_cfg(), recall_samples=4, retrieval_context=96, ablation_task="passkey")
+    ranking = score_ablation(teacher, tok, cfg, tmp_path, CPU)
+    assert ranking.selector == "ablation" and sorted(ranking.order) == [0, 1, 2, 3]
+    assert ranking.details["task"] == "passkey" and ranking.details["context"] == 96
+    assert ranking.metric.startswith("passkey answer log-prob lost")
+    pairs = score_ablation(teacher, tok, score_cfg(), tmp_path, CPU)
+    assert ranking.scores != pairs.scores and any(abs(v) > 1e-6 for v in ranking.scores.values())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    with pytest.raises(UserError, match="score.ablation_task='cloze': expected pairs or one of passkey"):
+        score_ablation(teacher, tok, replace(cfg, ablation_task="cloze"), tmp_path, CPU)
+
+
 def test_retrieval_ranks_layers_by_their_strongest_heads_needle_mass(setup):
     teacher, tok, _, _ = setup
     before = copy.deepcopy(teacher.state_dict())
