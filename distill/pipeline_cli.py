@@ -53,7 +53,8 @@ def register(subparsers) -> None:
                    help="ga-s2+reach (the default: the layers whose long-range attention far-needle recall needs "
                         "first, then the KL-guided GA-S2 ranking) | ga-s2 (KL-guided only) | kl-restore (GA-S2 with "
                         "no training, cheap) | kl-restore+reach | ga-s1 | ablation (zero one teacher attention "
-                        "layer, score the drop on synthetic associative recall; no training) | ablation+reach "
+                        "layer, score the drop on synthetic associative recall, or on score.ablation_task's "
+                        "prompts; no training) | ablation+reach "
                         "(teacher-only as a whole) | retrieval (the teacher's retrieval heads, no training) | reach "
                         "(alone, no training) | uniform")
     p.add_argument("--out", required=True, type=Path, help="output directory: HF checkpoint + report.md")
