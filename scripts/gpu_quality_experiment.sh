@@ -55,6 +55,8 @@
 # at 5.9M tokens, GA-S2 0.45-0.58) against the default at one budget: HYBRIDS="ablation ablation+reach ga-s2+reach"
 # TAG=4k-lr2 on the 4K settings, or the three at the 5.9M recipe of probe_and_eighth/README.md (align writes
 # rank-ablation+reach: 0, 1, 7, 16, 18, 19, 20, 23, the probe's eight with layer 7 for 24).
+# The passkey-ablation probe's eight (bench/results/quality_h100/passkey_ablation/, CPU):
+# HYBRIDS="pk-ablation=0,1,3,7,16,18,19,23".
 # Uniform at its other phase (issue 15 asks for two; `uniform` is each span's centre, 1,5,9,13,16,20,24,28):
 # HYBRIDS="uniform-start=0,3,7,11,15,18,22,26" SEED=2 at the 5.9M recipe, beside seed2/ and probe_and_eighth/.
 # The reach layers of the harder recall tasks too (reach_tasks/: on the teacher, multi-key, associative and variable
