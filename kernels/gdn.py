@@ -75,6 +75,7 @@ TRITON_DQKWG_CHECKED = ("3.6.0", "3.7.0")
 float64 in both head layouts and a training step timed (bench/results/dqkwg_triton_h100/)."""
 
 
+@functools.cache  # resolved on every GDN call: parse the versions once
 def auto_cuda_backend(capability: tuple[int, int], triton_version: str) -> str:
     """auto's path for 16-bit inputs on a CUDA device of `capability` with fla installed.
 
