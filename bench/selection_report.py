@@ -2,14 +2,16 @@
 good the hybrid it picks is.
 
     python -m bench.selection_report bench/results/quality_h100 --k 8 \\
-        --results results.json probe_and_eighth/results.json
+        --results results.json probe_and_eighth/results.json \\
+        --ranking pk-ablation=passkey_ablation/ranking.json
 
 Reads, from the folder `scripts/gpu_quality_experiment.sh eval` fills: `ranking-SELECTOR.json` (from
 `hybrid score`), `metrics-rank-SELECTOR.json` (the selection's wall time), `results.json` (`hybrid eval`
 of the hybrids named `SELECTOR-kK-sSEED`; --results names more files, relative to the folder, and the first
 file holding a selector's hybrid gives its row). Held-out KL compares only on one text: a hybrid scored on
-another text than the first file's says so, with the teacher's perplexity there. Writes `selection.md` and
-`selection.png` in the folder.
+another text than the first file's says so, with the teacher's perplexity there. --ranking NAME=FILE adds a
+ranking kept elsewhere under its own name (e.g. the ablation probe run on another task); its hybrids are the
+`NAME-kK-sSEED` ones. Writes `selection.md` and `selection.png` in the folder.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from distill.placement import uniform_softmax_layers
@@ -25,11 +28,17 @@ from distill.selection import Ranking, ranking_agreement, uniform_ranking
 REFERENCE = "ga-s2"
 
 
-def load_rankings(folder: Path) -> dict[str, Ranking]:
+def load_rankings(folder: Path, named: dict[str, Path] | None = None) -> dict[str, Ranking]:
+    """Every `ranking-*.json` of the folder by its selector, then the `named` files (relative to the folder)
+    by the name given them."""
     rankings = {}
     for path in sorted(folder.glob("ranking-*.json")):
         ranking = Ranking.load(path)
         rankings[ranking.selector] = ranking
+    for name, path in (named or {}).items():
+        if name in rankings:
+            raise SystemExit(f"--ranking {name}={path}: {folder} already has a ranking named {name}")
+        rankings[name] = replace(Ranking.load(folder / path), selector=name)
     if REFERENCE not in rankings:
         raise SystemExit(f"{folder}: no ranking-{REFERENCE}.json to compare against")
     rankings["uniform"] = uniform_ranking(rankings[REFERENCE].num_layers)
@@ -77,8 +86,8 @@ def passkey(model: dict, context: int) -> str:
     return f"{cell['exact']:.2f} ({cell['delta']:+.1f})" if cell else "—"
 
 
-def render(folder: Path, k: int, files: list[str]) -> str:
-    rankings = load_rankings(folder)
+def render(folder: Path, k: int, files: list[str], named: dict[str, Path]) -> str:
+    rankings = load_rankings(folder, named)
     hybrids = hybrid_rows(folder, k, files)
     contexts = sorted({r["context"] for m in hybrids.values() for r in m["recall"] if r["task"] == "passkey"})
     head = ["selector", f"softmax layers (K={k})", f"Spearman vs {REFERENCE}", f"Jaccard@{k} vs {REFERENCE}",
@@ -98,13 +107,13 @@ def render(folder: Path, k: int, files: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(folder: Path, k: int) -> Path:
+def plot(folder: Path, k: int, named: dict[str, Path]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rankings = load_rankings(folder)
+    rankings = load_rankings(folder, named)
     ref = rankings[REFERENCE]
     layers = list(range(ref.num_layers))
     fig, ax = plt.subplots(figsize=(11, 4))
@@ -137,11 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", nargs="+", default=["results.json"],
                         help="`hybrid eval` JSON files, relative to the folder, the first one first "
                              "(default results.json)")
+    parser.add_argument("--ranking", nargs="+", default=[], metavar="NAME=FILE",
+                        help="more ranking files (relative to the folder), each shown under NAME")
     args = parser.parse_args(argv)
-    table = render(args.folder, args.k, args.results)
+    named = {}
+    for item in args.ranking:
+        name, sep, path = item.partition("=")
+        if not (sep and name and path):
+            parser.error(f"--ranking {item}: expected NAME=FILE, e.g. pk-ablation=passkey_ablation/ranking.json")
+        named[name] = Path(path)
+    table = render(args.folder, args.k, args.results, named)
     (args.folder / "selection.md").write_text(table)
     print(table)
-    print(plot(args.folder, args.k))
+    print(plot(args.folder, args.k, named))
     return 0
 
 

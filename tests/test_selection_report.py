@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.selection_report import main
 from distill.selection import ranking_from_scores
 
@@ -48,3 +50,23 @@ def test_more_results_files_fill_the_rows_the_first_lacks_and_say_when_the_text_
     rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "selection.md").read_text().splitlines()[2:]}
     assert "| 0.1400 | 0.90 (+9.0) |" in rows["ga-s2"]  # the first file's
     assert "| 0.1600 on another text (teacher perplexity 21.88) | 1.00 (+10.0) |" in rows["ablation"]
+
+
+def test_a_ranking_kept_elsewhere_joins_under_its_own_name(tmp_path, capsys):
+    ga_s2 = ranking_from_scores("ga-s2", {i: float(i) for i in range(6)}, True, "kl")
+    on_passkey = ranking_from_scores("ablation", {i: float(i % 3) for i in range(6)}, False, "passkey drop")
+    ga_s2.save(tmp_path / "ranking-ga-s2.json")
+    (tmp_path / "probe").mkdir()
+    on_passkey.save(tmp_path / "probe" / "ranking.json")
+    (tmp_path / "results.json").write_text(json.dumps({"models": [
+        _model("ga-s2-k2-s0", 0.14, 0.9), _model("pk-ablation-k2-s2", 0.15, 1.0)]}))
+    assert main([str(tmp_path), "--k", "2", "--ranking", "pk-ablation=probe/ranking.json"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "selection.md").read_text().splitlines()[2:]}
+    assert set(rows) == {"ga-s2", "pk-ablation", "uniform"}
+    assert "| 2,5 |" in rows["pk-ablation"] and "| 0.1500 | 1.00 (+10.0) |" in rows["pk-ablation"]
+
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--ranking", "probe/ranking.json"])
+    assert "expected NAME=FILE" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="already has a ranking named ga-s2"):
+        main([str(tmp_path), "--ranking", "ga-s2=probe/ranking.json"])
