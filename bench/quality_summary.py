@@ -228,7 +228,8 @@ def plot_budget(groups: list[Group], path: Path, task: str = "passkey", context:
 
     points = budget_points(groups, task, context)
     selectors = sorted({p.selector for p in points})
-    colours = {name: f"C{i}" for i, name in enumerate(selectors)}
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats after 10 selectors
+    colours = {name: palette[i % len(palette)] for i, name in enumerate(selectors)}
     markers = "os^Dv"
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for axis, value, label in ((left, "exact", f"{task}@{context} exact match"), (right, "kl", "held-out KL (nats/token)")):

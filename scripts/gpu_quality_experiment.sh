@@ -4,10 +4,10 @@
 # teacher and every hybrid. A checkpoint cannot leave the GPU machine, so every phase runs there, one
 # device call each, back to back while the machine is warm (it keeps /root/x between calls):
 #
-#   prep     carry [.whl, .device/en-mix-train.jsonl.xz, .device/en-mix-validation.jsonl.xz]
+#   prep     carry [.whl, .device/en-mix-train.jsonl.xz, .device/en-mix-validation.jsonl.xz, .device/smol.gguf.aa]
 #            (RANKINGS=bench/results/quality_h100 reuses committed rankings instead of the score phase)
-#   ab       carry [.device/smol.gguf.aa], then again with [.device/smol.gguf.ab]: the GGUF's first two pieces, one
-#            per call (with the tree, .whl and the data, two 40 MB pieces exceed one call's 64 MiB)
+#   ab       carry [.device/smol.gguf.ab]: the GGUF's second piece (each piece fills one call's 64 MiB beside the
+#            tree and that call's other inputs; scripts/fetch_device_inputs.sh cuts them)
 #   align    carry [.whl, .device/smol.gguf.ac]   joins the GGUF; Stage 1; kl-restore and reach rankings
 #   score    carry [.whl]       GA-S2, GA-S1, ablation, retrieval-head and reach rankings (align and score also
 #                               write ga-s2+reach and ablation+reach from those and the reach ranking)
@@ -55,10 +55,11 @@
 # at 5.9M tokens, GA-S2 0.45-0.58) against the default at one budget: HYBRIDS="ablation ablation+reach ga-s2+reach"
 # TAG=4k-lr2 on the 4K settings, or the three at the 5.9M recipe of probe_and_eighth/README.md (align writes
 # rank-ablation+reach: 0, 1, 7, 16, 18, 19, 20, 23, the probe's eight with layer 7 for 24).
-# The passkey-ablation probe's eight (bench/results/quality_h100/passkey_ablation/, CPU):
-# HYBRIDS="pk-ablation=0,1,3,7,16,18,19,23".
-# Uniform at its other phase (issue 15 asks for two; `uniform` is each span's centre, 1,5,9,13,16,20,24,28):
-# HYBRIDS="uniform-start=0,3,7,11,15,18,22,26" SEED=2 at the 5.9M recipe, beside seed2/ and probe_and_eighth/.
+# The passkey-ablation probe's eight (bench/results/quality_h100/passkey_ablation/, CPU) and uniform at its other
+# phase (`uniform` is each span's centre, 1,5,9,13,16,20,24,28), SEED=2 at the 5.9M recipe, ran on 2026-12-07
+# (uniform_start_and_pk_probe/: passkey 1.00 at 2K and 4K at KL 0.178):
+# HYBRIDS="pk-ablation=0,1,3,7,16,18,19,23 uniform-start=0,3,7,11,15,18,22,26". Next: the probe's eight beside
+# ga-s2+reach at the 4K settings, HYBRIDS="pk-ablation=0,1,3,7,16,18,19,23 ga-s2+reach" TAG=4k-lr2.
 # The reach layers of the harder recall tasks too (reach_tasks/: on the teacher, multi-key, associative and variable
 # tracking also lean on layers 14 and 23): HYBRIDS="reach-all=1,7,8,14,17,18,20,23" TAG=4k-lr2 on the 4K settings.
 # Long-range copies in every Stage-2 sequence (distill.data.CopySpans; TAG=4k-copy, `--set
