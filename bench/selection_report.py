@@ -116,7 +116,7 @@ def plot(folder: Path, k: int, named: dict[str, Path]) -> Path:
     rankings = load_rankings(folder, named)
     ref = rankings[REFERENCE]
     layers = list(range(ref.num_layers))
-    fig, ax = plt.subplots(figsize=(11, 4))
+    fig, ax = plt.subplots(figsize=(13, 4))
     ax.plot(layers, [ref.scores[i] for i in layers], "o-", label=f"{REFERENCE}: held-out KL after "
             f"{ref.details.get('candidate_steps')} steps with only this layer softmax")
     if "kl-restore" in rankings:
@@ -130,7 +130,7 @@ def plot(folder: Path, k: int, named: dict[str, Path]) -> Path:
     ax.set_xticks(layers)
     ax.set_xlabel("layer")
     ax.set_ylabel("KL(teacher || hybrid), nats/token")
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: inside, it hides scores
     ax.set_title(f"Layer scores and the {k} softmax layers each selector keeps")
     fig.tight_layout()
     out = folder / "selection.png"
